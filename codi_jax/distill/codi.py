@@ -1,0 +1,185 @@
+"""The CoDi objective: Algorithm 1, eqs. 11-12 of the paper, with every §5.1 ablation as a switch.
+
+One training example, read next to Algorithm 1 (t on the teacher grid, s = t − 1/N):
+
+    z_t   = α_t x + σ_t ε                              (eq. 1)
+    x̂_t, ε̂_t = online model at (z_t, c, t)            (eq. 7)
+    ẑ_s   = α_s sg(x̂_t) + σ_s ε                        (eq. 12, the PREv predictor)
+    ε̂_s   = sg(target (EMA) model at (ẑ_s, c, s))      (eq. 7)
+    L     = d_ε(ε̂_t, ε̂_s) + λ d_x(x, x̂_t)              (eq. 11)
+
+The online forward's x̂_t is reused (under stop-gradient) to build ẑ_s, so a step costs exactly
+two network evaluations (three with the ``teacher`` predictor ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from codi_jax.diffusion.loss import DISTANCES, ModelFn, SNR_WEIGHTINGS, distance, snr_weight
+from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, \
+    ddim_update, to_x_eps
+from codi_jax.diffusion.schedule import Schedule
+
+Array = jnp.ndarray
+# teacher(z_t, model_time, context) -> raw prediction of the frozen unconditional teacher.
+TeacherFn = Callable[[Array, Array, Any], Array]
+
+_CHOICES = {
+    "timestep_sampling": ("batch", "sample"),
+    "predictor": ("prev", "ddim", "teacher"),
+    "consistency_space": ("eps", "x"),
+    "distance": DISTANCES,
+    "snr_weighting": SNR_WEIGHTINGS,
+    "cg_distance": ("latent_l2", "pixel_l2", "perceptual"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CoDiLossConfig:
+    """Switches of the CoDi objective. Defaults are the paper's choices."""
+
+    grid: int = 20                        # teacher grid N: t = i/N, s = t − 1/N.
+    timestep_sampling: str = "batch"      # one t for the whole batch (paper) or one per example.
+    predictor: str = "prev"               # ẑ_s: prev (eq. 12) | ddim (sg ε̂_t) | teacher (frozen).
+    consistency_space: str = "eps"        # d_ε in ε space (paper) or x space.
+    distance: str = "l2"
+    huber_c: float = 1e-3
+    snr_weighting: str = "none"
+    snr_gamma: float = 5.0
+    boundary_scalings: bool = False       # LCM-style c_skip/c_out so that f(z, 0) = z.
+    boundary_sigma_data: float = 0.5
+    boundary_timestep_scaling: float = 10.0
+    cg_weight: float = 1.0                # λ; 0 is the "no CG" ablation.
+    cg_distance: str = "latent_l2"        # paper default: ‖x − x̂‖² in the model's own space.
+
+    def __post_init__(self):
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: unknown value {getattr(self, name)!r}; known: {list(choices)}")
+        if self.grid < 1:
+            raise ValueError(f"grid: the teacher grid needs at least one step, got {self.grid}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "CoDiLossConfig":
+        """Builds the config from a (ml_collections) mapping; unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"distill config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
+
+
+def ema_update(target_params: Any, online_params: Any, decay: float | Array) -> Any:
+    """θ⁻ ← γ θ⁻ + (1 − γ) θ (Algorithm 1, last line)."""
+    return optax.incremental_update(online_params, target_params, 1.0 - decay)
+
+
+def sample_grid_index(rng: Array, batch_size: int, grid: int, mode: str) -> Array:
+    """i ∈ {1, …, N}: one draw for the whole batch ("batch") or one per example ("sample")."""
+    n = 1 if mode == "batch" else batch_size
+    i = jax.random.randint(rng, (n,), 1, grid + 1)
+    return jnp.broadcast_to(i, (batch_size,))
+
+
+def _boundary_scalings(t: Array, cfg: CoDiLossConfig) -> tuple[Array, Array]:
+    # LCM's c_skip, c_out on the scaled time τ = scaling·1000·t: c_skip(0) = 1, c_out(0) = 0.
+    tau = cfg.boundary_timestep_scaling * 1000.0 * t
+    sd2 = cfg.boundary_sigma_data**2
+    return sd2 / (tau**2 + sd2), tau / jnp.sqrt(tau**2 + sd2)
+
+
+def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
+                   cfg: CoDiLossConfig = CoDiLossConfig(), *,
+                   teacher_fn: TeacherFn | None = None,
+                   decode_fn: Callable[[Array], Array] | None = None,
+                   perceptual_fn: Callable[[Array, Array], Array] | None = None,
+                   ) -> Callable[[Any, Any, Mapping[str, Array], Array], tuple[Array, dict]]:
+    """Returns ``loss(online_params, target_params, batch, rng) -> (loss, metrics)``.
+
+    ``model_fn(params, z_t, model_time, cond, context)`` is the adapted conditional model and
+    returns its raw prediction of type ``prediction_type`` (the teacher's type). ``batch`` holds
+    ``x`` (clean latents or pixels, (B, ...)), ``cond`` and optionally ``context`` (text).
+    ``teacher_fn`` is needed by the ``teacher`` predictor; ``decode_fn`` (latent → pixels) by the
+    pixel-space CG distances; ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``.
+    """
+    check_prediction_type(prediction_type)
+    if cfg.predictor == "teacher" and teacher_fn is None:
+        raise ValueError("predictor: 'teacher' needs teacher_fn (the frozen unconditional teacher)")
+    if cfg.cg_distance != "latent_l2" and cfg.cg_weight and decode_fn is None:
+        raise ValueError(f"cg_distance: {cfg.cg_distance!r} needs decode_fn (latents → pixels)")
+    if cfg.cg_distance == "perceptual" and cfg.cg_weight and perceptual_fn is None:
+        raise ValueError("cg_distance: 'perceptual' needs perceptual_fn (e.g. LPIPS)")
+
+    def to_pair(pred, z, t):
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        x_hat, eps_hat = to_x_eps(pred.astype(jnp.float32), z, alpha, sigma, prediction_type)
+        if cfg.boundary_scalings:
+            c_skip, c_out = _boundary_scalings(t, cfg)
+            x_hat = broadcast_to(c_skip, z) * z + broadcast_to(c_out, z) * x_hat
+            # ε̂ follows from the scaled x̂ so both spaces describe the same ẑ_s.
+            eps_hat = (z - broadcast_to(alpha, z) * x_hat) / broadcast_to(sigma, z)
+        return x_hat, eps_hat
+
+    def denoise(params, z, t, cond, context):
+        return to_pair(model_fn(params, z, schedule.model_time(t), cond, context), z, t)
+
+    def cg_term(x, x_hat):
+        if cfg.cg_distance == "latent_l2":
+            return distance(x, x_hat, "l2")
+        images, images_hat = decode_fn(x), decode_fn(x_hat)
+        if cfg.cg_distance == "pixel_l2":
+            return distance(images, images_hat, "l2")
+        return perceptual_fn(images, images_hat)
+
+    def loss(online_params, target_params, batch, rng):
+        x = batch["x"].astype(jnp.float32)
+        cond, context = batch.get("cond"), batch.get("context")
+        if cond is not None and cond.shape[0] != x.shape[0]:
+            raise ValueError(f"batch: cond has batch size {cond.shape[0]} but x has {x.shape[0]}")
+        key_t, key_eps = jax.random.split(rng)
+        i = sample_grid_index(key_t, x.shape[0], cfg.grid, cfg.timestep_sampling)
+        t = i.astype(jnp.float32) / cfg.grid
+        s = (i - 1).astype(jnp.float32) / cfg.grid
+        eps = jax.random.normal(key_eps, x.shape, jnp.float32)
+        z_t = diffuse(x, eps, schedule.alpha(t), schedule.sigma(t))
+
+        x_hat_t, eps_hat_t = denoise(online_params, z_t, t, cond, context)  # online, with grad
+
+        alpha_s, sigma_s = schedule.alpha(s), schedule.sigma(s)
+        if cfg.predictor == "prev":      # eq. 12: the same ε that made z_t
+            z_s = ddim_update(jax.lax.stop_gradient(x_hat_t), eps, alpha_s, sigma_s)
+        elif cfg.predictor == "ddim":    # eq. 8 with the online model's own ε̂_t
+            z_s = ddim_update(jax.lax.stop_gradient(x_hat_t), jax.lax.stop_gradient(eps_hat_t),
+                              alpha_s, sigma_s)
+        else:                            # one DDIM step of the frozen unconditional teacher
+            teacher_pred = teacher_fn(z_t, schedule.model_time(t), context).astype(jnp.float32)
+            x_teacher, eps_teacher = to_x_eps(teacher_pred, z_t, schedule.alpha(t),
+                                              schedule.sigma(t), prediction_type)
+            z_s = ddim_update(x_teacher, eps_teacher, alpha_s, sigma_s)
+        z_s = jax.lax.stop_gradient(z_s)
+
+        x_hat_s, eps_hat_s = jax.lax.stop_gradient(
+            denoise(jax.lax.stop_gradient(target_params), z_s, s, cond, context))  # EMA target
+
+        if cfg.consistency_space == "eps":
+            consistency = distance(eps_hat_t, eps_hat_s, cfg.distance, cfg.huber_c)
+        else:
+            consistency = distance(x_hat_t, x_hat_s, cfg.distance, cfg.huber_c)
+        # At s = 0 the target sees clean data, where ε̂ is undefined (σ_s = 0) and x̂_s = ẑ_s =
+        # sg(x̂_t) carries no gradient: those examples get only the CG term.
+        weight = (s > 0).astype(jnp.float32) * snr_weight(
+            schedule.logsnr(t), cfg.consistency_space, cfg.snr_weighting, cfg.snr_gamma)
+        consistency_loss = jnp.mean(weight * consistency)
+        cg_loss = jnp.mean(cg_term(x, x_hat_t)) if cfg.cg_weight else jnp.zeros(())
+        total = consistency_loss + cfg.cg_weight * cg_loss
+        metrics = {"loss": total, "consistency": consistency_loss, "cg": cg_loss,
+                   "t": jnp.mean(t)}
+        return total, metrics
+
+    return loss
