@@ -29,12 +29,15 @@ def conv2d(
     dtype: jnp.dtype = jnp.float32,
     name: Optional[str] = None,
     use_bias: bool = True,
+    zero_init: bool = False,
 ) -> nn.Conv:
     """A Conv with PyTorch's symmetric integer padding (default ``(kernel - 1) // 2``).
 
     Flax's ``'SAME'`` pads asymmetrically for strided convs on even inputs, which would not match
-    the pretrained PyTorch weights; explicit padding does.
+    the pretrained PyTorch weights; explicit padding does. ``zero_init`` initialises kernel and
+    bias to zero (ControlNet's "zero convolutions").
     """
+    init = {"kernel_init": nn.initializers.zeros_init(), "bias_init": nn.initializers.zeros_init()} if zero_init else {}
     pad = (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(
         features,
@@ -45,6 +48,7 @@ def conv2d(
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
+        **init,
     )
 
 

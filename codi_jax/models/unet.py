@@ -55,7 +55,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "reverse_transformer_layers_per_block": None,
     "cross_attention_norm": None,
     "class_embeddings_concat": False,
-    "global_pool_conditions": False,
 }
 
 
