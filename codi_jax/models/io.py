@@ -37,6 +37,7 @@ __all__ = [
     "ModelIOError",
     "NonFiniteWeightsError",
     "PickleRefusedError",
+    "WeightFileError",
     "WeightMismatchError",
     "WeightsNotFoundError",
     "get_config",
@@ -60,6 +61,10 @@ class ConfigError(ModelIOError, ValueError):
 
 class ArchitectureMismatchError(ModelIOError, ValueError):
     """The folder holds another architecture (e.g. a VAE loaded as ``unet``)."""
+
+
+class WeightFileError(ModelIOError, ValueError):
+    """A weight file or shard index cannot be read (corrupt, truncated, inconsistent shards)."""
 
 
 class NonFiniteWeightsError(ModelIOError, ValueError):
@@ -261,7 +266,7 @@ def _expand_index(folder: str, name: str) -> list[str]:
             weight_map = json.load(f)["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ConfigError(f"{path} is not a valid shard index (needs a 'weight_map' object): {err}") from None
+        raise WeightFileError(f"{path} is not a valid shard index (needs a 'weight_map' object): {err}") from None
     missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
     if missing:
         raise WeightsNotFoundError(f"{path} lists shard files that do not exist: {', '.join(missing)}")
@@ -277,10 +282,10 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
         try:
             shard = load_file(file)
         except (SafetensorError, OSError, ValueError) as err:
-            raise ConfigError(f"cannot read {file}: not a valid safetensors file ({err})") from None
+            raise WeightFileError(f"cannot read {file}: not a valid safetensors file ({err})") from None
         duplicated = sorted(state.keys() & shard.keys())
         if duplicated:
-            raise ConfigError(f"{file} repeats keys already read from another shard: {', '.join(duplicated[:10])}")
+            raise WeightFileError(f"{file} repeats keys already read from another shard: {', '.join(duplicated[:10])}")
         state.update(shard)
     return state
 
