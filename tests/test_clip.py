@@ -62,9 +62,21 @@ def _ids(batch=3, length=16, eos_at=(5, 10, 15), seed=0):
 
 
 def _init(config, seed=0):
+    """Model and random fp32 params built from shapes alone (``model.init`` would also run an eager
+    forward pass, which compiles op by op and is slow on a loaded CPU)."""
     model = CLIPTextModel.from_config(config)
-    params = model.init(jax.random.key(seed), *model.dummy_inputs(config))["params"]
-    return model, params
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs(config))["params"]
+    rng = np.random.RandomState(seed)
+    flat = {}
+    for path, leaf in convert.flatten(shapes).items():
+        base = 1.0 if path[-1] == "scale" else 0.0
+        scale = 1.0 / np.sqrt(leaf.shape[0]) if path[-1] == "kernel" else 0.5
+        flat[path] = jnp.asarray(base + scale * rng.randn(*leaf.shape), jnp.float32)
+    return model, convert.unflatten(flat)
+
+
+def _apply(model, **kwargs):
+    return jax.jit(lambda params, *args: model.apply({"params": params}, *args, **kwargs))
 
 
 @pytest.mark.parametrize("config, expected", [(SD15_CONFIG, 123_060_480), (SD21_CONFIG, 340_387_840)])
@@ -99,14 +111,15 @@ def test_attention_is_causal_and_padding_mask_applies():
     ids = _ids()
     changed = ids.copy()
     changed[:, 8] = 7
-    out = model.apply({"params": params}, ids)
-    out2 = model.apply({"params": params}, changed)
+    apply = _apply(model)
+    out = apply(params, ids)
+    out2 = apply(params, changed)
     # Positions before the edit cannot see it; positions after it can.
     np.testing.assert_array_equal(out.last_hidden_state[:, :8], out2.last_hidden_state[:, :8])
     assert np.abs(out.last_hidden_state[:, 8:] - out2.last_hidden_state[:, 8:]).min(axis=-1).max() > 0
     mask = np.ones_like(ids)
     mask[:, 6:] = 0
-    masked = model.apply({"params": params}, ids, mask)
+    masked = apply(params, ids, mask)
     np.testing.assert_allclose(masked.last_hidden_state[:, :6], out.last_hidden_state[:, :6], atol=1e-6)
     assert np.abs(masked.last_hidden_state[:, 6:] - out.last_hidden_state[:, 6:]).max() > 1e-3
 
@@ -117,34 +130,34 @@ def test_pooled_output_picks_eos_position_by_either_rule():
     ids[:, 3] = 60  # the EOS id of the second model below
     rows = np.arange(3)
     legacy, params = _init(TINY)  # eos_token_id == 2: position of the largest id (99, padded)
-    out = legacy.apply({"params": params}, ids)
+    out = _apply(legacy)(params, ids)
     np.testing.assert_array_equal(out.pooler_output, out.last_hidden_state[rows, [5, 10, 14]])
     current = CLIPTextModel.from_config(dict(TINY, eos_token_id=60))  # first occurrence of the EOS id
-    out = current.apply({"params": params}, ids)
+    out = _apply(current)(params, ids)
     np.testing.assert_array_equal(out.pooler_output, out.last_hidden_state[rows, [3, 3, 3]])
 
 
 def test_outputs_shapes_and_clip_skip():
     model, params = _init(TINY)
     ids = _ids()
-    out = model.apply({"params": params}, ids)
+    out = _apply(model)(params, ids)
     assert out.last_hidden_state.shape == (3, 16, 32) and out.pooler_output.shape == (3, 32)
     assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
-    no_skip = model.apply({"params": params}, ids, method=model.encode_prompt)
+    no_skip = _apply(model, method=model.encode_prompt)(params, ids)
     np.testing.assert_array_equal(no_skip, out.last_hidden_state)
-    skip = model.apply({"params": params}, ids, clip_skip=1, method=model.encode_prompt)
+    skip = _apply(model, clip_skip=1, method=model.encode_prompt)(params, ids)
     assert np.abs(skip - out.last_hidden_state).max() > 1e-3
     with pytest.raises(ValueError, match="clip_skip"):
-        model.apply({"params": params}, ids, clip_skip=3, method=model.encode_prompt)
+        _apply(model, clip_skip=3, method=model.encode_prompt)(params, ids)
 
 
 def test_bf16_compute_keeps_fp32_params():
     model, params = _init(TINY)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     ids = _ids()
-    ref = model.apply({"params": params}, ids).last_hidden_state
+    ref = _apply(model)(params, ids).last_hidden_state
     bf16 = CLIPTextModel.from_config(TINY, dtype=jnp.bfloat16)
-    out = bf16.apply({"params": params}, ids).last_hidden_state
+    out = _apply(bf16)(params, ids).last_hidden_state
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1)
 
@@ -204,8 +217,8 @@ def test_parity_with_transformers(hidden_act, eos_token_id):
             ref = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch_mask,
                               output_hidden_states=True)
             ref_skip = torch_model.final_layer_norm(ref.hidden_states[-2])
-        out = model.apply({"params": params}, ids, attention_mask)
-        skip = model.apply({"params": params}, ids, attention_mask, clip_skip=1, method=model.encode_prompt)
+        out = _apply(model)(params, ids, attention_mask)
+        skip = _apply(model, clip_skip=1, method=model.encode_prompt)(params, ids, attention_mask)
         diff = lambda a, b: float(np.abs(np.asarray(a) - b.numpy()).max())
         assert diff(out.last_hidden_state, ref.last_hidden_state) <= 1e-4
         assert diff(out.pooler_output, ref.pooler_output) <= 1e-4
