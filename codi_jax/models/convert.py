@@ -35,6 +35,7 @@ _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 _INDEXED = re.compile(r"^(.+)_(\d+)$")
 
 __all__ = [
+    "ModelIOError",
     "NAMES_ENDING_IN_DIGITS",
     "NON_PARAMETER_BUFFERS",
     "WeightMismatchError",
@@ -49,7 +50,12 @@ __all__ = [
 ]
 
 
-class WeightMismatchError(ValueError):
+class ModelIOError(Exception):
+    """Base of every error that reading or writing a checkpoint raises for a user mistake or a bad file
+    (see :mod:`codi_jax.models.io`); defined here so that :class:`WeightMismatchError` is one too."""
+
+
+class WeightMismatchError(ModelIOError, ValueError):
     """A checkpoint does not fit the module: lists every missing, unexpected and misshaped key."""
 
     def __init__(
