@@ -213,9 +213,10 @@ def random_noise(
         quant = tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0)
         levels = tf.cast(tf.size(tf.unique(tf.reshape(quant, [-1]))[0]), tf.float32)
         vals = tf.pow(2.0, tf.math.ceil(tf.math.log(levels) / math.log(2.0)))
-        src = tf.where(gray, tf.broadcast_to(_gray(image), shape), image)
-        counts = tf.random.stateless_poisson(shape, ks[4], lam=tf.maximum(src, 0.0) * vals, dtype=tf.float32)
-        return (counts / vals - src) * scale
+        # Gray noise: one sample per pixel (from the luminance), shared by the channels.
+        src = tf.cond(gray, lambda: _gray(image), lambda: image)
+        counts = tf.random.stateless_poisson(tf.shape(src), ks[4], lam=tf.maximum(src, 0.0) * vals, dtype=tf.float32)
+        return tf.broadcast_to((counts / vals - src) * scale, shape)
 
     noise = tf.cond(_bernoulli(ks[5], gaussian_prob), gaussian, poisson)
     return tf.clip_by_value(image + noise, 0.0, 1.0)

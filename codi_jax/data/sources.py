@@ -88,7 +88,7 @@ def array_to_rgb(image: np.ndarray, where: str, convert_modes: bool = True) -> t
     mode = modes.get((image.ndim, image.dtype.type))
     if mode is None or (mode == "RGBA" and image.shape[-1] != 4):
         raise BadExample("mode", f"{where}: unsupported image array {image.shape} {image.dtype}")
-    return _pil_to_rgb(Image.fromarray(image, mode), where, convert_modes)
+    return _pil_to_rgb(Image.fromarray(image), where, convert_modes)
 
 
 def read_depth(path: str) -> np.ndarray:
