@@ -175,9 +175,14 @@ def test_config_the_module_cannot_build(tmp_path):
     config = json.load(open(path))
     config["down_block_types"] = ["CrossAttnDownBlock2D"]  # one entry for two blocks
     json.dump(config, open(path, "w"))
-    with pytest.raises(models.ConfigError, match="not describe a valid UNet2DConditionModel.*down_block_types") as info:
+    with pytest.raises(models.ConfigError, match="cannot build a UNet2DConditionModel from .*config.json: .*down_block_types") as info:
         models.load(folder, "unet")
     _assert_raised_here(info)
+
+
+def test_unknown_module_option_is_named():
+    with pytest.raises(models.ConfigError, match="options {'no_such_option': 1}"):
+        models.load(UNET, "unet", no_such_option=1)
 
 
 def test_unknown_component():
@@ -299,6 +304,10 @@ def test_pickled_weights_load_with_opt_in(tmp_path, unet_params):
     state = load_file(os.path.join(UNET, UNET_WEIGHTS))
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, os.path.join(folder, "diffusion_pytorch_model.bin"))
     _same_params(models.load(folder, "unet", allow_pickle=True)[1], unet_params)
+    with open(os.path.join(folder, "diffusion_pytorch_model.bin"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(models.WeightFileError, match="cannot read .*diffusion_pytorch_model.bin"):
+        models.load(folder, "unet", allow_pickle=True)
 
 
 # ------------------------------------------------------------------------------ hub ids

@@ -297,7 +297,10 @@ def _read_pickles(files: list[str]) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for file in files:
         # weights_only still refuses arbitrary objects: the user opted into pickles, not into code.
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError)
+            raise WeightFileError(f"cannot read {file} as a PyTorch state dict: {type(err).__name__}: {err}") from None
         if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
             loaded = loaded["state_dict"]
         for key, tensor in loaded.items():
@@ -383,8 +386,9 @@ def load(
         module = cls.from_config(config, dtype=dtype, **options)
         target = _target_shapes(module, cls, config)
     except (ValueError, TypeError, KeyError) as err:
+        given = f" with options {options}" if options else ""
         raise ConfigError(
-            f"{os.path.join(folder, 'config.json')} does not describe a valid {spec.class_name}: "
+            f"cannot build a {spec.class_name} from {os.path.join(folder, 'config.json')}{given}: "
             f"{type(err).__name__}: {err}"
         ) from None
     state = _read_pickles(files) if pickled else _read_safetensors(files)
