@@ -1,0 +1,258 @@
+"""Evaluation, sample grids and export of a distilled model.
+
+``run`` samples the held-out split at each configured step count with each configured sampler
+(the same initial noise for every step count), and reports PSNR and SSIM (dm-pix) against the
+targets in ``eval.json`` and TensorBoard, plus a sample grid PNG
+(condition | one column per step count | target). ``export`` writes the distilled model as a
+diffusers-layout pipeline folder; ``load_exported`` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+from PIL import Image
+from tqdm import tqdm
+
+from codi_jax import diffusion, models, sharding
+from codi_jax.modeling import Student, Teacher, load_teacher, make_student
+from codi_jax.models.adapters import controlnet_config
+
+Array = jax.Array
+
+
+def _sampler(name: str, schedule: diffusion.Schedule, grid: int) -> Callable:
+    """``sample(denoise, z, num_steps)`` of a registered sampler name."""
+    train_grid = getattr(schedule, "num_train_timesteps", None)
+    samplers = {
+        # The distilled model only knows the teacher grid.
+        "codi": lambda d, z, n: diffusion.codi_sample(d, z, schedule, n, grid),
+        # Teachers: any step count on their own training grid.
+        "ddim": lambda d, z, n: diffusion.ddim_sample(d, z, schedule, diffusion.timesteps(n, train_grid)),
+        "dpmpp": lambda d, z, n: diffusion.dpm_solver_pp_2m(d, z, schedule, diffusion.timesteps(n, train_grid)),
+    }
+    if name not in samplers:
+        raise ValueError(f"eval.samplers: unknown sampler {name!r}; known: {sorted(samplers)}")
+    return samplers[name]
+
+
+def make_sample_fn(student: Student, sampler: str, grid: int, num_steps: int) -> Callable:
+    """``sample(params, aux, batch, rng) -> images in [−1, 1]`` (jit it)."""
+    teacher = student.teacher
+    run = _sampler(sampler, teacher.schedule, grid)
+
+    def sample(params, aux, batch, rng):
+        data = student.prepare(aux, batch, None)
+        denoise = diffusion.make_denoiser(
+            lambda z, t: student.model_fn(params, z, t, data["cond"], data["context"]),
+            teacher.schedule, teacher.prediction_type)
+        z = jax.random.normal(rng, data["x"].shape, jnp.float32)
+        return jnp.clip(student.decode(aux, run(denoise, z, num_steps)), -1.0, 1.0)
+
+    return sample
+
+
+def _metrics(images: Array, targets: Array, mask: Array) -> dict[str, Array]:
+    a, b = (images + 1.0) / 2.0, (targets + 1.0) / 2.0
+    w = mask.astype(jnp.float32)
+    return {"psnr": jnp.sum(w * pix.psnr(a, b)), "ssim": jnp.sum(w * pix.ssim(a, b)), "count": jnp.sum(w)}
+
+
+def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any, workdir: str, *,
+        writer=None, step: int = 0, name: str = "eval") -> dict:
+    """Evaluates ``params`` on the held-out split; writes ``<name>.json`` and a sample grid."""
+    from codi_jax import data as data_lib
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    dataset = data_lib.make_eval_dataset(cfg.data, batch_size=cfg.eval.batch_size)
+    max_batches = max(1, -(-cfg.eval.num_examples // cfg.eval.batch_size))
+    steps = [int(n) for n in cfg.eval.steps]
+    fns = {(s, n): jax.jit(make_sample_fn(student, s, cfg.distill.grid, n))
+           for s in cfg.eval.samplers for n in steps}
+    metric_fn = jax.jit(_metrics)
+    totals: dict[tuple[str, int], dict[str, float]] = {}
+    cond_totals: dict[str, float] = {}
+    grid_rows = None
+    key = jax.random.PRNGKey(cfg.seed + 1)
+    for b, local in enumerate(tqdm(dataset, total=min(len(dataset), max_batches), desc="eval",
+                                   disable=jax.process_index() > 0)):
+        if b >= max_batches:
+            break
+        local = _with_text(local, student, cfg)
+        batch = sharding.global_batch(local, mesh)
+        rng = jax.random.fold_in(key, b)  # the same noise for every sampler and step count
+        outputs = {}
+        for (s, n), fn in fns.items():
+            images = fn(params, aux, batch, rng)
+            outputs[(s, n)] = images
+            for k, v in jax.device_get(metric_fn(images, batch["image"], batch["mask"])).items():
+                totals.setdefault((s, n), {}).setdefault(k, 0.0)
+                totals[(s, n)][k] += float(v)
+        if batch["cond"].shape == batch["image"].shape:  # e.g. SR: the bicubic-upsampled input
+            for k, v in jax.device_get(metric_fn(batch["cond"], batch["image"], batch["mask"])).items():
+                cond_totals[k] = cond_totals.get(k, 0.0) + float(v)
+        if b == 0:
+            grid_rows = _grid_columns(batch, outputs, cfg.eval.grid_examples)
+
+    results = {"step": step, "num_examples": int(next(iter(totals.values()))["count"]), "samplers": {}}
+    for (s, n), t in sorted(totals.items()):
+        results["samplers"].setdefault(s, {})[str(n)] = {"psnr": t["psnr"] / t["count"],
+                                                         "ssim": t["ssim"] / t["count"]}
+    if cond_totals:
+        results["condition"] = {"psnr": cond_totals["psnr"] / cond_totals["count"],
+                                "ssim": cond_totals["ssim"] / cond_totals["count"]}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, f"{name}.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        grid = _grid_image(grid_rows)
+        Image.fromarray(grid).save(os.path.join(workdir, f"{name}_samples.png"))
+        if writer is not None:
+            writer.write_images(step, {f"{name}/samples": grid[None]})
+            writer.write_scalars(step, {f"{name}/{s}_{n}_{k}": v for s, d in results["samplers"].items()
+                                        for n, m in d.items() for k, v in m.items()})
+    logging.info("%s at step %d: %s", name, step, json.dumps(results))
+    return results
+
+
+def _grid_columns(batch: dict, outputs: dict, n: int) -> list[np.ndarray]:
+    """condition | each (sampler, steps) | target, for the first ``n`` examples."""
+    from jax.experimental import multihost_utils
+
+    def host(a):
+        a = multihost_utils.process_allgather(a, tiled=True) if jax.process_count() > 1 else a
+        return np.asarray(a)[:n]
+
+    cond = host(batch["cond"])
+    size = batch["image"].shape[1:3]
+    cond_rgb = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond[..., :1], 3, -1)
+    if cond_rgb.shape[1:3] != tuple(size):
+        cond_rgb = np.asarray(jax.image.resize(cond_rgb, (cond_rgb.shape[0],) + tuple(size) + (3,), "nearest"))
+    return [cond_rgb] + [host(outputs[k]) for k in sorted(outputs)] + [host(batch["image"])]
+
+
+def _grid_image(columns: list[np.ndarray]) -> np.ndarray:
+    rows = [np.concatenate([col[i] for col in columns], axis=1) for i in range(columns[0].shape[0])]
+    img = np.concatenate(rows, axis=0)
+    return np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def _with_text(batch: dict, student: Student, cfg) -> dict:
+    from codi_jax.train import _with_prompt
+
+    return _with_prompt(batch, student, cfg)
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.ConfigDict) -> str:
+    """Writes a diffusers-layout pipeline folder: the teacher pipeline's other components copied,
+    the distilled ``unet/``, the adapter (``controlnet/`` in diffusers format for PE-CoDi,
+    ``cond_encoder/`` for full CoDi) and ``codi.json``. Written beside ``out_dir`` and renamed
+    into place, so an interrupted export never looks complete."""
+    from safetensors.numpy import save_file
+
+    teacher = student.teacher
+    out_dir = os.path.abspath(out_dir)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out_dir))
+    try:
+        if teacher.root:
+            for entry in os.listdir(teacher.root):
+                src = os.path.join(teacher.root, entry)
+                if entry not in ("unet", "controlnet", "cond_encoder", "codi.json") and not entry.startswith("."):
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
+        params = jax.device_get(params)
+        models.save(student.module.unet, params["unet"], os.path.join(tmp, "unet"), "unet",
+                    config=teacher.unet_config)
+        adapter = student.config["adapter"]
+        if adapter == "controlnet":
+            models.save(student.module.adapter, params["adapter"], os.path.join(tmp, "controlnet"),
+                        "controlnet", config=controlnet_config(student.config))
+        elif adapter == "cond_encoder":
+            os.makedirs(os.path.join(tmp, "cond_encoder"))
+            flat = traverse_util.flatten_dict(params["adapter"], sep="/")
+            save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
+                      os.path.join(tmp, "cond_encoder", "model.safetensors"))
+        if not os.path.exists(os.path.join(tmp, "scheduler")):
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+                json.dump(_scheduler_config(teacher), f, indent=2)
+        index_path = os.path.join(tmp, "model_index.json")
+        index = json.load(open(index_path)) if os.path.exists(index_path) else {"_class_name": "CoDiPipeline"}
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        index["scheduler"] = index.get("scheduler", ["diffusers", "DDIMScheduler"])
+        if adapter == "controlnet":
+            index["controlnet"] = ["diffusers", "ControlNetModel"]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "codi.json"), "w") as f:
+            json.dump({"adapted_config": {k: v for k, v in student.config.items() if k != "unet"},
+                       "prediction_type": teacher.prediction_type, "grid": cfg.distill.grid,
+                       "text_layer": student.text_layer}, f, indent=2, default=list)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _scheduler_config(teacher: Teacher) -> dict:
+    config = {"_class_name": "DDIMScheduler", "prediction_type": teacher.prediction_type,
+              "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}
+    if teacher.schedule.name in ("scaled_linear", "linear"):
+        betas = 1.0 - teacher.schedule.alphas_cumprod / np.concatenate([[1.0], teacher.schedule.alphas_cumprod[:-1]])
+        config.update(beta_schedule=teacher.schedule.name, num_train_timesteps=len(betas),
+                      beta_start=float(np.sqrt(betas[0]) ** 2), beta_end=float(betas[-1]))
+    return config
+
+
+def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dict, int]:
+    """Reads an ``export`` folder: returns (student, params, aux params, teacher grid).
+
+    ``model_overrides`` set ``cfg.model`` fields such as ``dtype``. The adapter's weights are
+    checked against the shapes the adapted config implies before anything is returned.
+    """
+    from codi_jax.config_lib import base_config
+    from codi_jax.models.adapters import init_adapted_params
+
+    with open(os.path.join(path, "codi.json")) as f:
+        meta = json.load(f)
+    cfg = base_config()
+    cfg.model.pretrained = path
+    cfg.model.prediction_type = meta["prediction_type"]
+    cfg.model.text_layer = meta.get("text_layer", "last")
+    for k, v in model_overrides.items():
+        setattr(cfg.model, k, v)
+    teacher = load_teacher(cfg, jax.random.PRNGKey(0))
+    config = dict(meta["adapted_config"], unet=teacher.unet_config)
+    student = make_student(cfg, teacher, config)
+    params = {"unet": teacher.unet_params}
+    if config["adapter"] == "controlnet":
+        _, params["adapter"] = models.load(path, "controlnet")
+    elif config["adapter"] == "cond_encoder":
+        from safetensors.numpy import load_file
+
+        expected = jax.eval_shape(lambda: init_adapted_params(config, teacher.unet_params, jax.random.PRNGKey(0)))
+        flat = load_file(os.path.join(path, "cond_encoder", "model.safetensors"))
+        want = traverse_util.flatten_dict(expected["adapter"], sep="/")
+        bad = sorted(set(want) ^ set(flat)) + sorted(k for k in set(want) & set(flat)
+                                                    if tuple(want[k].shape) != flat[k].shape)
+        if bad:
+            raise ValueError(f"{path}/cond_encoder does not match codi.json's adapted config: {bad[:10]}")
+        params["adapter"] = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))
+    return student, params, student.aux_params(), int(meta["grid"])

@@ -1,0 +1,38 @@
+"""Entry point: ``python -m codi_jax.main --config=configs/sr.py --workdir=runs/sr``.
+
+Overrides: ``--config.train.lr=1e-5``; unknown keys are errors. ``--config.mode=eval`` evaluates
+the latest checkpoint of the workdir instead of training.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a configs/<task>.py file (':<preset>' picks a preset).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples and the export go.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from codi_jax import train
+
+    cfg = FLAGS.config
+    logging.info("config:\n%s", cfg)
+    logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
+                 jax.process_count())
+    if cfg.mode == "train":
+        train.train_and_evaluate(cfg, FLAGS.workdir)
+    elif cfg.mode == "eval":
+        train.evaluate_checkpoint(cfg, FLAGS.workdir)
+    else:
+        raise ValueError(f"mode: unknown value {cfg.mode!r}; known: ['train', 'eval']")
+
+
+if __name__ == "__main__":
+    app.run(main)

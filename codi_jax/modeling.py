@@ -1,0 +1,204 @@
+"""From a config to the conditional model the trainer distils: load the teacher (a diffusers
+pipeline folder, hub id or the embedded demo teacher), adapt it (paper §4.1 / §4.4), and provide
+the pure functions the train step needs (model call, VAE encode/decode, text encoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from codi_jax import diffusion, models
+from codi_jax.config_lib import embedded_path
+from codi_jax.models import adapters
+from codi_jax.models.unet import UNet2DConditionModel, UNetArch, has_cross_attention
+
+Array = jax.Array
+
+
+def resolve_pipeline(pretrained: str) -> str:
+    """A local folder for ``pretrained``: ``embedded:<name>``, a folder, or a hub id (whose small
+    files — model_index, scheduler, tokenizer — are fetched here; weights by ``models.load``)."""
+    if pretrained.startswith("embedded:"):
+        return embedded_path(pretrained.split(":", 1)[1])
+    if os.path.isdir(pretrained):
+        return pretrained
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.snapshot_download(
+            pretrained, allow_patterns=["model_index.json", "scheduler/*", "tokenizer/*"])
+    except Exception as err:  # noqa: BLE001 — any hub failure means "pass a local folder".
+        raise FileNotFoundError(
+            f"model.pretrained: {pretrained!r} is not a local folder and could not be fetched from the "
+            f"Hugging Face Hub ({type(err).__name__}); download it where there is network access and "
+            "pass the local folder") from None
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass
+class Teacher:
+    """The pretrained pieces: UNet config/params, schedule, and the frozen VAE / text encoder."""
+
+    unet_config: dict
+    unet_params: Any
+    schedule: diffusion.Schedule
+    prediction_type: str
+    root: Optional[str] = None
+    vae: Any = None
+    vae_params: Any = None
+    text_encoder: Any = None
+    text_params: Any = None
+    tokenizer: Any = None
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+
+def load_teacher(cfg: ml_collections.ConfigDict, rng: Array) -> Teacher:
+    """Loads (or, with ``model.pretrained=""``, randomly initialises) the teacher of ``cfg``."""
+    m = cfg.model
+    if not m.pretrained:
+        unet_config = m.unet_config.to_dict()
+        unet = UNet2DConditionModel.from_config(unet_config)
+        params = jax.jit(unet.init)(rng, *UNet2DConditionModel.dummy_inputs(unet_config))["params"]
+        return Teacher(unet_config, params, diffusion.get_schedule(m.schedule),
+                       m.prediction_type or "v_prediction")
+    root = resolve_pipeline(m.pretrained)
+    source = root if os.path.isdir(root) and os.path.exists(os.path.join(root, "unet")) else m.pretrained
+    unet, unet_params = models.load(source, "unet")
+    unet_config = models.module_config(unet, "unet")
+    scheduler = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"))
+    schedule = (diffusion.schedule_from_scheduler_config(scheduler) if scheduler
+                else diffusion.get_schedule(m.schedule))
+    prediction_type = m.prediction_type or (scheduler or {}).get("prediction_type", "epsilon")
+    teacher = Teacher(unet_config, unet_params, schedule, prediction_type, root=root)
+    if os.path.isdir(os.path.join(root, "vae")):
+        teacher.vae, teacher.vae_params = models.load(root, "vae")
+    if has_cross_attention(UNetArch.from_config(unet_config)):
+        from codi_jax.models import clip
+
+        teacher.text_encoder, teacher.text_params = models.load(root, "text_encoder")
+        teacher.tokenizer = clip.load_tokenizer(os.path.join(root, "tokenizer"))
+    if m.init == "random":  # §5.1 ablation: same architecture, no pretrained weights.
+        unet = UNet2DConditionModel.from_config(unet_config)
+        teacher.unet_params = jax.jit(unet.init)(rng, *UNet2DConditionModel.dummy_inputs(unet_config))["params"]
+    elif m.init != "pretrained":
+        raise ValueError(f"model.init: unknown value {m.init!r}; known: ['pretrained', 'random']")
+    return teacher
+
+
+def adapted_config(cfg: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int) -> dict:
+    """The ``ConditionedUNet`` config for the data's condition and ``cfg.model`` switches."""
+    m = cfg.model
+    if m.cond_input not in ("latent", "pixel"):
+        raise ValueError(f"model.cond_input: unknown value {m.cond_input!r}; known: ['latent', 'pixel']")
+    latent_cond = teacher.latent and m.cond_input == "latent"
+    if latent_cond:
+        # The image part of c goes through the VAE; extra channels (an inpainting mask) are resized.
+        latent_channels = teacher.unet_config.get("in_channels", 4)
+        cond_channels = latent_channels + max(cond_channels - 3, 0)
+    return {
+        "unet": teacher.unet_config,
+        "adapter": m.adapter,
+        "cond_channels": cond_channels,
+        "cond_embedding_channels": (tuple(m.hint_channels) if teacher.latent and not latent_cond
+                                    else None),
+        "per_level_mu": m.per_level_mu,
+    }
+
+
+def module_options(cfg: ml_collections.ConfigDict) -> dict:
+    return {"remat": cfg.model.remat or None, "attention_implementation": cfg.model.attention or None}
+
+
+@dataclasses.dataclass
+class Student:
+    """The adapted conditional model and the pure functions around it."""
+
+    module: adapters.ConditionedUNet
+    config: dict
+    teacher: Teacher
+    text_layer: str = "last"
+
+    def model_fn(self, params: Any, z: Array, model_time: Array, cond: Any, context: Any) -> Array:
+        return self.module.apply({"params": params}, z, model_time, cond, context)
+
+    def encode_images(self, aux: dict, images: Array, rng: Optional[Array]) -> Array:
+        """Pixels in [−1, 1] → the model's data space (scaled VAE latents, or pixels as they are)."""
+        if not self.teacher.latent:
+            return images
+        vae = self.teacher.vae
+        dist = vae.apply({"params": aux["vae"]}, images, method=vae.encode)
+        z = dist.mode() if rng is None else dist.sample(rng)
+        return z * vae.scaling_factor
+
+    def decode(self, aux: dict, x: Array) -> Array:
+        if not self.teacher.latent:
+            return x
+        vae = self.teacher.vae
+        return vae.apply({"params": aux["vae"]}, x / vae.scaling_factor, method=vae.decode)
+
+    def encode_cond(self, aux: dict, cond: Array) -> Array:
+        if self.config["cond_embedding_channels"] is not None or not self.teacher.latent:
+            return cond
+        latent = self.encode_images(aux, cond[..., :3], None)
+        if cond.shape[-1] == 3:
+            return latent
+        extra = jax.image.resize(cond[..., 3:], latent.shape[:3] + (cond.shape[-1] - 3,), "linear")
+        return jnp.concatenate([latent, extra.astype(latent.dtype)], axis=-1)
+
+    def context(self, aux: dict, tokens: Optional[Array]) -> Optional[Array]:
+        if self.teacher.text_encoder is None:
+            return None
+        enc = self.teacher.text_encoder
+        layer = 1 if self.text_layer == "penultimate" else 0
+        return enc.apply({"params": aux["text"]}, tokens, None, layer, method=enc.encode_prompt)
+
+    def aux_params(self) -> dict:
+        """Frozen parameters the step needs besides the student's (VAE, text encoder)."""
+        aux = {}
+        if self.teacher.latent:
+            aux["vae"] = self.teacher.vae_params
+        if self.teacher.text_encoder is not None:
+            aux["text"] = self.teacher.text_params
+        return aux
+
+    def prepare(self, aux: dict, batch: dict, rng: Array) -> dict:
+        """A data batch → the loss's batch ``{x, cond, context}`` (all frozen, no gradient)."""
+        out = {"x": self.encode_images(aux, batch["image"], rng),
+               "cond": self.encode_cond(aux, batch["cond"]),
+               "context": self.context(aux, batch.get("text"))}
+        return jax.lax.stop_gradient(out)
+
+    def teacher_fn(self, params: Any) -> Callable[[Array, Array, Any], Array]:
+        """The frozen unconditional teacher (the online params' UNet at init) as ``teacher(z, t, ctx)``."""
+        unet = self.module.unet
+        return lambda z, model_time, context: unet.apply({"params": params}, z, model_time, context)
+
+
+def make_student(cfg: ml_collections.ConfigDict, teacher: Teacher, config: dict) -> Student:
+    """The ``Student`` for an adapted-model ``config`` (see ``adapted_config``)."""
+    module = adapters.ConditionedUNet.from_config(config, jnp.dtype(cfg.model.dtype), **module_options(cfg))
+    return Student(module, config, teacher, text_layer=cfg.model.text_layer)
+
+
+def build_student(cfg: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int,
+                  rng: Array) -> tuple[Student, dict]:
+    """The adapted model and its initial params (the teacher's function at μ = 0 / zero convs)."""
+    config = adapted_config(cfg, teacher, cond_channels)
+    params = adapters.init_adapted_params(config, teacher.unet_params, rng)
+    return make_student(cfg, teacher, config), params

@@ -1,0 +1,331 @@
+"""The trainer: one jitted, sharded step per global batch; orbax checkpoints; clu metrics.
+
+Read top to bottom: ``train_and_evaluate`` builds mesh → teacher → adapted student → optimizer →
+state (restored if the workdir has a checkpoint) → jitted step, then loops, then evaluates and
+exports. The step (``make_train_step``) is Algorithm 1: prepare the batch (VAE/text, frozen),
+take the loss's gradient w.r.t. the trainable parameters only, apply AdamW, update the EMA target.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import traverse_util
+
+from codi_jax import diffusion, sharding
+from codi_jax.distill import CoDiLossConfig, ema_update, make_codi_loss
+from codi_jax.models import adapters
+from codi_jax.modeling import Student, build_student, load_teacher
+
+OBJECTIVES = ("codi", "diffusion")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last checkpoint holds the last good state."""
+
+
+# ---------------------------------------------------------------------------------------- params
+
+
+def partition(params: Any, mask: Any) -> tuple[dict, dict]:
+    """Splits ``params`` into (trainable, frozen) nested dicts by a boolean ``mask``. The frozen
+    part gets no gradient, no optimizer state and no EMA copy (PE-CoDi's UNet is not duplicated)."""
+    flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def combine(trainable: dict, frozen: dict) -> dict:
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
+                                         **traverse_util.flatten_dict(trainable)})
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+    if t.lr_schedule == "constant":
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1)), optax.constant_schedule(t.lr)],
+            [max(t.warmup_steps, 1)])
+    elif t.lr_schedule == "cosine":
+        if t.warmup_steps >= t.num_steps:
+            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be below train.num_steps "
+                             f"({t.num_steps}) for the cosine schedule")
+        schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.warmup_steps, 1), t.num_steps)
+    else:
+        raise ValueError(f"train.lr_schedule: unknown value {t.lr_schedule!r}; known: ['constant', 'cosine']")
+    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+# ------------------------------------------------------------------------------------------ step
+
+
+def make_loss(cfg: ml_collections.ConfigDict, student: Student) -> Callable:
+    """``loss(params, target_params, aux, batch, rng)`` of ``cfg.objective`` on full param trees."""
+    teacher = student.teacher
+    if cfg.objective == "diffusion":
+        base = diffusion.make_diffusion_loss(student.model_fn, teacher.schedule, teacher.prediction_type)
+        return lambda params, target, aux, batch, rng: base(params, batch, rng)
+    if cfg.objective != "codi":
+        raise ValueError(f"objective: unknown value {cfg.objective!r}; known: {list(OBJECTIVES)}")
+    loss_cfg = CoDiLossConfig.from_mapping(cfg.distill.to_dict())
+
+    def loss(params, target, aux, batch, rng):
+        codi = make_codi_loss(
+            student.model_fn, teacher.schedule, teacher.prediction_type, loss_cfg,
+            teacher_fn=student.teacher_fn(aux["teacher"]) if "teacher" in aux else None,
+            decode_fn=functools.partial(student.decode, aux) if teacher.latent else (lambda x: x))
+        return codi(params, target, batch, rng)
+
+    return loss
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.GradientTransformation,
+                    schedule: Callable) -> Callable:
+    """``step(state, frozen, aux, batch, base_rng) -> (state, metrics)``, pure and jittable."""
+    loss_fn = make_loss(cfg, student)
+    accum = cfg.train.grad_accum
+    decay = cfg.train.ema_decay
+
+    def step(state, frozen, aux, batch, base_rng):
+        # The step's randomness depends only on (seed, step): a resumed run draws what an
+        # uninterrupted one would.
+        k_prep, k_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
+        data = student.prepare(aux, batch, k_prep)
+        target_full = combine(state["target"], frozen)
+
+        def micro_grad(params, micro, key):
+            def f(p):
+                return loss_fn(combine(p, frozen), target_full, aux, micro, key)
+            return jax.value_and_grad(f, has_aux=True)(params)
+
+        if accum == 1:
+            (loss, metrics), grads = micro_grad(state["params"], data, k_loss)
+        else:
+            # Gradient accumulation: the batch is split into `accum` micro-batches, scanned so
+            # only one micro-batch's activations are alive at a time.
+            micro = jax.tree.map(lambda a: None if a is None else a.reshape((accum, -1) + a.shape[1:]), data)
+
+            def body(carry, inputs):
+                m, key = inputs
+                (l, met), g = micro_grad(state["params"], m, key)
+                return jax.tree.map(jnp.add, carry, (l, met, g)), None
+
+            shapes = jax.eval_shape(micro_grad, state["params"], jax.tree.map(lambda a: a[0], micro), k_loss)
+            (l0, m0), g0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            zeros = (l0, m0, g0)
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jax.random.split(k_loss, accum)))
+            loss, metrics, grads = jax.tree.map(lambda a: a / accum, (loss, metrics, grads))
+
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {"step": state["step"] + 1, "params": params,
+               "target": ema_update(state["target"], params, decay), "opt_state": opt_state}
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state untouched (only the step counter moves), so the
+        # host can stop one step later without a NaN ever reaching the parameters.
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        new["step"] = state["step"] + 1
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"]),
+                       finite=finite.astype(jnp.float32))
+        mu = traverse_util.flatten_dict(params).get(("adapter", "mu"))
+        if mu is not None:
+            metrics["mu"] = jnp.mean(mu)
+        return new, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints,
+                                           enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
+    """The newest checkpoint that restores; corrupt ones are skipped with a warning. Restoring onto
+    ``abstract_state``'s shardings reshards (any mesh shape)."""
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as err:  # noqa: BLE001 — any failure means: this checkpoint is unusable.
+            logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
+                            step, mgr.directory, type(err).__name__, err)
+    return None
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (Cloud TPU / SLURM preemption notice); the loop saves and exits cleanly."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+    def is_set(self) -> bool:
+        flag = self._event.is_set()
+        if jax.process_count() > 1:  # every process must stop at the same step
+            from jax.experimental import multihost_utils
+            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return flag
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------- trainer
+
+
+def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """Teacher, student, frozen/trainable split, optimizer and the abstract sharded state."""
+    from codi_jax.data.config import cond_channels
+
+    k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    teacher = load_teacher(cfg, k_teacher)
+    student, params = build_student(cfg, teacher, cond_channels(cfg.data), k_adapter)
+    mode = cfg.model.trainable if "adapter" in params else "all"
+    trainable, frozen = partition(params, adapters.trainable_mask(params, mode))
+    aux = student.aux_params()
+    if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
+        aux["teacher"] = teacher.unet_params  # frozen copy: the online UNet moves under "all"
+    tx, schedule = make_optimizer(cfg.train)
+
+    def init_state(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "target": p, "opt_state": tx.init(p)}
+
+    abstract = jax.eval_shape(init_state, trainable)
+    state_sh = sharding.tree_shardings(abstract, mesh, cfg.mesh.min_shard_size)
+    state = jax.jit(init_state, out_shardings=state_sh)(trainable)
+    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, cfg.mesh.min_shard_size))
+    aux = jax.device_put(aux, sharding.tree_shardings(aux, mesh, cfg.mesh.min_shard_size))
+    return student, state, state_sh, frozen, aux, tx, schedule
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains ``cfg`` in ``workdir`` (resuming from its latest checkpoint), then evaluates and
+    exports. Returns the evaluation results."""
+    from codi_jax import data as data_lib
+    from codi_jax import evaluate
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    if cfg.train.batch_size % (mesh.size * cfg.train.grad_accum):
+        raise ValueError(f"train.batch_size: {cfg.train.batch_size} does not split into "
+                         f"{cfg.train.grad_accum} micro-batches over {mesh.size} devices")
+    student, state, state_sh, frozen, aux, tx, schedule = setup(cfg, mesh)
+
+    mgr = checkpoint_manager(workdir, cfg)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    restored = restore_latest(mgr, abstract)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from step %d", int(state["step"]))
+    start = int(state["step"])
+
+    step_fn = jax.jit(
+        make_train_step(cfg, student, tx, schedule),
+        in_shardings=(state_sh, sharding.tree_shardings(frozen, mesh, cfg.mesh.min_shard_size),
+                      sharding.tree_shardings(aux, mesh, cfg.mesh.min_shard_size),
+                      sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+    base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_hparams({k: v for k, v in _flat_config(cfg).items()})
+    report = periodic_actions.ReportProgress(num_train_steps=cfg.train.num_steps, writer=writer)
+    preempted = PreemptionFlag()
+    batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
+                                           seed=cfg.seed, start_step=start)
+    pending = None  # metrics of the previous step, fetched one step late to keep the device busy
+    try:
+        for step in range(start, cfg.train.num_steps):
+            batch = sharding.global_batch(_with_prompt(next(batches), student, cfg), mesh)
+            state, metrics = step_fn(state, frozen, aux, batch, base_rng)
+            if pending is not None:
+                _check_and_log(*pending, writer, cfg)
+            pending = (step, metrics)
+            report(step + 1)
+            done = step + 1
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+                mgr.save(done, args=ocp.args.StandardSave(state))
+            if preempted.is_set():
+                mgr.save(done, args=ocp.args.StandardSave(state), force=True)
+                mgr.wait_until_finished()
+                logging.warning("SIGTERM: saved step %d and stopped", done)
+                return {"preempted_at": done}
+        if pending is not None:
+            _check_and_log(*pending, writer, cfg, force=True)
+    finally:
+        mgr.wait_until_finished()
+        preempted.restore()
+
+    params = final_params(cfg, state, frozen)
+    results = evaluate.run(cfg, student, params, aux, workdir, writer=writer, step=int(state["step"]))
+    if cfg.export and jax.process_index() == 0:
+        evaluate.export(student, params, os.path.join(workdir, "export"), cfg)
+    writer.flush()
+    return results
+
+
+def final_params(cfg: ml_collections.ConfigDict, state: dict, frozen: dict) -> dict:
+    """What is evaluated and exported: CoDi's online student θ (the paper's model; θ⁻ is only its
+    consistency target), or the EMA weights of a model trained with the diffusion loss."""
+    return combine(state["target"] if cfg.objective == "diffusion" else state["params"], frozen)
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``mode=eval``: evaluates the latest checkpoint of ``workdir``."""
+    from codi_jax import evaluate
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    student, state, state_sh, frozen, aux, _, _ = setup(cfg, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    restored = restore_latest(checkpoint_manager(workdir, cfg), abstract)
+    if restored is None:
+        raise FileNotFoundError(f"mode=eval: no restorable checkpoint under {workdir}/checkpoints")
+    return evaluate.run(cfg, student, final_params(cfg, restored, frozen), aux, workdir,
+                        step=int(restored["step"]))
+
+
+def _check_and_log(step: int, metrics: dict, writer, cfg, force: bool = False) -> None:
+    metrics = jax.device_get(metrics)
+    if not metrics.pop("finite"):
+        raise NonFiniteLossError(f"step {step + 1}: the loss or its gradient is NaN/Inf "
+                                 f"(loss={metrics['loss']}); the parameters were not updated and "
+                                 "the last checkpoint holds the last good state")
+    if force or (step + 1) % cfg.train.log_every == 0:
+        writer.write_scalars(step + 1, {f"train/{k}": float(v) for k, v in metrics.items()})
+
+
+def _with_prompt(batch: dict, student: Student, cfg) -> dict:
+    """Text-to-image teachers without per-example text get the config prompt for every example."""
+    if student.teacher.tokenizer is None or "text" in batch:
+        return batch
+    from codi_jax.models import clip
+
+    ids, _ = clip.tokenize(student.teacher.tokenizer, [cfg.model.prompt] * len(batch["image"]))
+    return dict(batch, text=ids)
+
+
+def _flat_config(cfg: ml_collections.ConfigDict) -> dict:
+    flat = traverse_util.flatten_dict(cfg.to_dict(), sep=".")
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
