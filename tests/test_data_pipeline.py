@@ -244,3 +244,30 @@ def test_check_batch_rejects_wrong_tensors():
         check_batch({**good, "cond": good["cond"] + 2}, 2, cfg)
     with pytest.raises(RuntimeError, match="float64"):
         check_batch({**good, "image": good["image"].astype(np.float64)}, 2, cfg)
+
+
+def test_folder_eval_resizes_short_side_and_center_crops(tmp_path):
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    _save(tmp_path / "val" / "big.png", big)
+    cfg = data.default_config("canny")
+    cfg.source = f"folder:{tmp_path / 'val'}"
+    cfg.eval_split = str(tmp_path / "val")
+    cfg.resize_short_side = 32
+    (batch,) = list(data.make_eval_dataset(cfg, batch_size=2, process_index=0, process_count=1))
+    assert batch["mask"].tolist() == [True, False]
+    expected = np.asarray(Image.fromarray(big).resize((48, 32), Image.BICUBIC, reducing_gap=3.0))[:, 8:40]
+    np.testing.assert_allclose(batch["image"][0], expected / 127.5 - 1.0, atol=1e-5)
+    cfg.eval_split = "eval"
+    with pytest.raises(ValueError, match="must be a folder path"):
+        data.make_eval_dataset(cfg, batch_size=2, process_index=0, process_count=1)
+
+
+def test_strict_bad_file_at_load_is_a_clear_error(tmp_path):
+    _save(tmp_path / "small.png", np.zeros((8, 8, 3), np.uint8))
+    cfg = data.default_config("sr")
+    cfg.source = f"folder:{tmp_path}"
+    cfg.strict = True
+    it = data.make_train_iterator(cfg, global_batch_size=1, seed=0, process_index=0, process_count=1)
+    with pytest.raises(RuntimeError, match="small.png.*8x8 < crop 32.*data.strict=True"):
+        next(it)

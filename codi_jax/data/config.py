@@ -4,8 +4,6 @@ Kept free of TensorFlow so configs can be built and printed without importing it
 """
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 TASKS = ("sr", "depth", "inpaint", "edit", "canny")
@@ -165,7 +163,3 @@ def cond_channels(cfg: ml_collections.ConfigDict) -> int:
         "canny": cfg.canny.channels,
     }[cfg.task]
 
-
-def lr_size(size: int, scale: int) -> int:
-    """Side of the low-resolution image for a target side ``size``."""
-    return max(1, int(math.floor(size / scale)))

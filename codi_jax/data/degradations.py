@@ -154,8 +154,17 @@ def filter2d(image: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     """Convolves each channel of HxWxC ``image`` with the (21, 21) ``kernel``, reflect padding."""
     pad = KERNEL_GRID // 2
     shape = tf.shape(image)
-    padded = tf.gather(image, _reflect_indices(shape[0], pad), axis=0)
-    padded = tf.gather(padded, _reflect_indices(shape[1], pad), axis=1)
+
+    def small() -> tf.Tensor:
+        padded = tf.gather(image, _reflect_indices(shape[0], pad), axis=0)
+        return tf.gather(padded, _reflect_indices(shape[1], pad), axis=1)
+
+    # tf.pad is faster but needs each side longer than the padding.
+    padded = tf.cond(
+        tf.reduce_min(shape[:2]) > pad,
+        lambda: tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT"),
+        small,
+    )
     channels = image.shape[-1]
     k = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])
     out = tf.nn.depthwise_conv2d(padded[None], k, strides=[1, 1, 1, 1], padding="VALID")

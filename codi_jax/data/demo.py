@@ -178,6 +178,12 @@ def default_demo_dir() -> str:
 def build_demo(config: CodiDemoConfig, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """The prepared demo builder (built on first use: seconds, offline), stored as array_record so
     examples can be read by index."""
-    builder = CodiDemo(config=config, data_dir=data_dir or default_demo_dir(), file_format="array_record")
+    # TFDS refuses a config object named like a predefined one: refer to those by name.
+    known = {c.name for c in CodiDemo.BUILDER_CONFIGS}
+    builder = CodiDemo(
+        config=config.name if config.name in known else config,
+        data_dir=data_dir or default_demo_dir(),
+        file_format="array_record",
+    )
     builder.download_and_prepare()
     return builder

@@ -13,6 +13,8 @@ of the shard (deterministic too) and counted; counts are logged once per epoch. 
 from __future__ import annotations
 
 import math
+import os
+import re
 import threading
 from collections import Counter
 from typing import Any, Iterator
@@ -72,6 +74,8 @@ def open_source(cfg: ml_collections.ConfigDict, split: str, process_index: int, 
     if cfg.source.startswith("folder:"):
         # The train split is the folder itself; another split names another folder.
         root = cfg.source[len("folder:"):] if split in ("", cfg.train_split) else split
+        if not os.path.isdir(root):
+            raise ValueError(f"folder source: split {split!r} must be a folder path (data.eval_split for the held-out folder)")
         return sources.FolderSource(
             root, extra=extra, options=cfg.folder, convert_modes=cfg.convert_modes, strict=cfg.strict,
             process_index=process_index, process_count=process_count,
@@ -126,7 +130,7 @@ class ExampleLoader:
             extra = None if extra is None else _resize(extra, (h, w), self.task.extra == "depth")
         s = self.size
         if min(h, w) < s:
-            raise sources.BadExample("too_small", f"{self.source.name}[{self.source.offset + r}]: {h}x{w} < crop {s}")
+            raise sources.BadExample("too_small", f"{self.source.where(r)}: {h}x{w} < crop {s}")
         if self.training:
             rng = np.random.default_rng([self.seed, global_index])
             y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
@@ -213,7 +217,7 @@ def _element_fn(loader: ExampleLoader, task: Task, cfg: ml_collections.ConfigDic
     return fn
 
 
-def _options(cfg: ml_collections.ConfigDict) -> tf.data.Options:
+def _options() -> tf.data.Options:
     opts = tf.data.Options()
     opts.deterministic = True  # order must not depend on thread timing: resumability needs it
     return opts
@@ -253,7 +257,11 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except tf.errors.OpError as e:  # raised in the loader (strict mode, a source gone bad...)
+            first_line = re.sub(r"\{\{.*?\}\}\s*", "", e.message).split("\n")[0]
+            raise RuntimeError(f"data pipeline of {self.source.name} failed: {first_line}") from e
         counts = batch.pop("_counts").sum(axis=0)
         batch.pop("_valid")
         step_counts = Counter({r: int(v) for r, v in zip(REASONS, counts) if v})
@@ -310,7 +318,7 @@ def make_train_iterator(
     ds = ds.map(locate)
     ds = ds.map(_element_fn(loader, task, cfg, seed), num_parallel_calls=_parallel(cfg))
     ds = ds.batch(local, drop_remainder=True).prefetch(cfg.prefetch_batches)
-    return TrainIterator(cfg, source, ds.with_options(_options(cfg)), local, start_step)
+    return TrainIterator(cfg, source, ds.with_options(_options()), local, start_step)
 
 
 class EvalDataset:
@@ -335,7 +343,7 @@ class EvalDataset:
 
         ds = tf.data.Dataset.range(self.num_batches * batch_size).map(locate)
         ds = ds.map(_element_fn(loader, task, cfg, cfg.eval_seed), num_parallel_calls=_parallel(cfg))
-        self._ds = ds.batch(batch_size).prefetch(cfg.prefetch_batches).with_options(_options(cfg))
+        self._ds = ds.batch(batch_size).prefetch(cfg.prefetch_batches).with_options(_options())
 
     def __len__(self) -> int:
         return self.num_batches

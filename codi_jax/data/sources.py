@@ -2,7 +2,7 @@
 
 A source has ``len()`` (records of this process), ``total`` (records of the split over all
 processes), ``offset`` (global index of this process's first record) and ``load(i)``, which returns an
-``Example`` or raises ``BadExample``. Random access by index is what makes the training stream
+``Example`` or raises ``BadExample``, and ``where(i)`` (record i's name in messages). Random access by index is what makes the training stream
 resumable by construction.
 """
 from __future__ import annotations
@@ -170,10 +170,14 @@ class TfdsSource:
     def __len__(self) -> int:
         return self._len
 
+    def where(self, i: int) -> str:
+        """Names record ``i`` in messages."""
+        return f"{self.name}[{self.offset + i}]"
+
     def load(self, i: int) -> Example:
         image_key, extra_key, text_key = self._keys
         rec = self._records[i]
-        where = f"{self.name}[{self.offset + i}]"
+        where = self.where(i)
         image, converted = array_to_rgb(np.asarray(rec[image_key]), where, self._convert_modes)
         extra = None
         if extra_key:
@@ -264,6 +268,7 @@ class FolderSource:
         self.name = root
         self._convert_modes = convert_modes
         self.scan_counts = Counter()
+        self._first_rejected: dict[str, str] = {}
         entries = self._scan_instructpix2pix(root) if extra == "source_image" else []
         if not entries:
             entries = self._scan_plain(root, extra, options, strict)
@@ -274,7 +279,9 @@ class FolderSource:
         self._entries = entries[self.offset : end]
         self._extra = extra
         if self.scan_counts:
-            logging.warning("data: %s: skipped at scan: %s", root, dict(self.scan_counts))
+            logging.warning(
+                "data: %s: skipped at scan: %s; first of each: %s", root, dict(self.scan_counts), self._first_rejected
+            )
 
     def _scan_plain(
         self, root: str, extra: str, options: ml_collections.ConfigDict, strict: bool
@@ -328,9 +335,14 @@ class FolderSource:
         if strict:
             raise ValueError(f"{message} (data.strict=True)")
         self.scan_counts[reason] += 1
+        self._first_rejected.setdefault(reason, message)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def where(self, i: int) -> str:
+        """Names record ``i`` in messages."""
+        return self._entries[i][0]
 
     def load(self, i: int) -> Example:
         path, paired, text = self._entries[i]
@@ -367,6 +379,9 @@ class DemoEditSource:
 
     def __len__(self) -> int:
         return len(self._base)
+
+    def where(self, i: int) -> str:
+        return self._base.where(i)
 
     def load(self, i: int) -> Example:
         ex = self._base.load(i)
