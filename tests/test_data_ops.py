@@ -157,3 +157,11 @@ def test_noise_and_jpeg_stay_in_range_and_change_the_image():
 def test_unknown_task_lists_known():
     with pytest.raises(ValueError, match="known tasks: sr, depth, inpaint, edit, canny"):
         data.default_config("colorize")
+
+
+def test_filter2d_matches_direct_correlation():
+    img = tf.random.stateless_uniform([40, 33, 3], [3, 4])
+    k = tf.random.stateless_uniform([21, 21], [5, 6])  # asymmetric: catches a flipped kernel
+    padded = tf.pad(img, [[10, 10], [10, 10], [0, 0]], mode="REFLECT")
+    direct = tf.nn.depthwise_conv2d(padded[None], tf.tile(k[:, :, None, None], [1, 1, 3, 1]), [1, 1, 1, 1], "VALID")[0]
+    np.testing.assert_allclose(degradations.filter2d(img, k).numpy(), direct.numpy(), rtol=1e-5)
