@@ -224,26 +224,37 @@ def init_adapted_params(config: Mapping[str, Any], unet_params: Mapping[str, Any
 
     The adapter's encoder (``conv_in``, ``down_blocks_*``, ``mid_block``; for ControlNet also
     ``time_embedding``) is a copy of ``unet_params``; μ = 0; ControlNet's zero convs and hint-stem
-    output are zero; only the hint stems are random (from ``rng``).
+    output are zero. Only the hint stem is randomly initialised (from ``rng``), so no random
+    encoder is ever materialised (it would be discarded; at SD scale that is ~0.3 B values).
     """
     params: dict[str, Any] = {"unet": dict(unet_params)}
     adapter = ConditionedUNet.from_config(config).adapter
     if adapter is None:
         return params
-    inputs = (CondEncoder.dummy_inputs(config) if isinstance(adapter, CondEncoder)
-              else ControlNetModel.dummy_inputs(controlnet_config(config)))
-    fresh = dict(jax.jit(adapter.init)(rng, *inputs)["params"])
-    copied = ["down_blocks_" + str(i) for i in range(len(adapter.arch.block_out_channels))]
-    copied += ["mid_block"] if adapter.arch.mid_block_type is not None else []
-    if isinstance(adapter, ControlNetModel):
+    is_controlnet = isinstance(adapter, ControlNetModel)
+    inputs = ControlNetModel.dummy_inputs(controlnet_config(config)) if is_controlnet else CondEncoder.dummy_inputs(config)
+    target = jax.eval_shape(adapter.init, rng, *inputs)["params"]
+    copied = [name for name in target if name.startswith("down_blocks_") or name == "mid_block"]
+    if is_controlnet:
         copied += ["conv_in", "time_embedding"]
-    elif "conv_in" in fresh:
-        fresh["conv_in"] = {
-            "kernel": _reshape_conv_in(unet_params["conv_in"]["kernel"], adapter.cond_channels),
-            "bias": jnp.array(unet_params["conv_in"]["bias"]),
-        }
+        stem = ControlNetConditioningEmbedding(adapter.arch.block_out_channels[0], adapter.conditioning_embedding_out_channels)
+        fresh = {"controlnet_cond_embedding": stem.init(rng, inputs[3])["params"]}
+        for name in target:
+            if name.startswith("controlnet_down_blocks_") or name == "controlnet_mid_block":
+                fresh[name] = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), target[name])
+    else:
+        fresh = {"mu": jnp.zeros(target["mu"].shape, jnp.float32)}
+        if adapter.embedding_channels is None:
+            kernel = unet_params["conv_in"]["kernel"]
+            fresh["conv_in"] = {"kernel": _reshape_conv_in(kernel, adapter.cond_channels), "bias": jnp.array(unet_params["conv_in"]["bias"])}
+        else:
+            stem = ControlNetConditioningEmbedding(adapter.arch.block_out_channels[0], adapter.embedding_channels, zero_out=False)
+            fresh["cond_embedding"] = stem.init(rng, inputs[0])["params"]
     for name in copied:
         fresh[name] = _copy(unet_params[name])
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), tree)
+    if shapes(fresh) != shapes(dict(target)):
+        raise ValueError("unet_params do not match the UNet described by config['unet'] (adapter shapes differ)")
     params["adapter"] = fresh
     return params
 
