@@ -125,11 +125,18 @@ def test_unknown_source_and_tfds_errors(demo_dir):
 
 
 def test_tfds_source_by_name(demo_dir):
-    name = "tfds:codi_demo/" + demo.demo_config(32, 8, 2, 0.25, 4).name
+    config = demo.demo_config(32, 8, 2, 0.25, 4)
+    demo.build_demo(config, demo_dir)  # a prepared dataset in data_dir, like any TFDS dataset
+    name = "tfds:codi_demo/" + config.name
     cfg = demo_cfg("sr", demo_dir, source=name)
     cfg.tfds.text_key = "text"
     b = next(data.make_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1))
     assert b["cond"].shape == (2, 32, 32, 3)
+    # The train split has depth only for the motorcycle crops: the others are skipped and counted.
+    depth = demo_cfg("depth", demo_dir, source=name)
+    it = data.make_train_iterator(depth, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    b = next(it)
+    assert it.skipped["missing_condition"] > 0 and b["cond"].min() == -1 and b["cond"].max() == 1
     edit = demo_cfg("edit", demo_dir, source=name)
     with pytest.raises(ValueError, match="no condition feature 'input_image'; its features: .*depth"):
         data.make_train_iterator(edit, global_batch_size=2, seed=0, process_index=0, process_count=1)

@@ -30,7 +30,7 @@ from codi_jax.data.config import cond_channels
 from codi_jax.data.tasks import Task, get_task
 
 # Reasons a record is skipped, in the order of the per-example counts vector.
-REASONS = ("unreadable", "too_small", "mode", "missing_depth", "missing_source_image", "converted")
+REASONS = ("unreadable", "too_small", "mode", "missing_condition", "converted")
 # Independent random streams derived from the seed.
 _STREAM_PERMUTATION, _STREAM_TASK = 1, 2
 

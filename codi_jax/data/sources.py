@@ -176,14 +176,17 @@ class TfdsSource:
 
     def load(self, i: int) -> Example:
         image_key, extra_key, text_key = self._keys
-        rec = self._records[i]
         where = self.where(i)
+        try:
+            rec = self._records[i]
+        except Exception as e:  # noqa: BLE001 -- corrupt record bytes can fail in any decoder
+            raise BadExample("unreadable", f"{where}: {type(e).__name__}: {e}") from e
         image, converted = array_to_rgb(np.asarray(rec[image_key]), where, self._convert_modes)
         extra = None
         if extra_key:
             extra = np.asarray(rec[extra_key])
             if extra.size == 0:
-                raise BadExample(f"missing_{extra_key}", f"{where}: empty {extra_key!r}")
+                raise BadExample("missing_condition", f"{where}: empty {extra_key!r}")
             if extra_key != "depth":
                 extra, _ = array_to_rgb(extra, where, self._convert_modes)
             else:
