@@ -5,6 +5,12 @@ Sources: the embedded demo (``"demo"``), any TFDS dataset (``"tfds:<name>"``) or
 ``canny``. Condition channels: sr 3, depth 3 (``depth.channels``), inpaint 4 (masked image + mask,
 1 = hole), edit 3, canny 3 (``canny.channels``); all in [-1, 1].
 
+Training batches (``make_train_iterator``) depend only on (seed, step, process): resuming with
+``start_step=k`` reproduces an uninterrupted run. Eval batches (``make_eval_dataset``) cover the
+held-out split once, the last one padded and flagged by the boolean ``mask`` key. Depth maps are
+min-max normalised per example (per crop). The demo's held-out split is the right-most quarter of
+every source image (``demo.eval_fraction``), so eval crops share no pixel with training crops.
+
 Importing this package imports TensorFlow and hides GPUs from it, so it never takes memory meant
 for JAX.
 """

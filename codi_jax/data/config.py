@@ -104,7 +104,7 @@ def _folder_config() -> ml_collections.ConfigDict:
 
 def _tfds_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.image_key = "image"
+    c.image_key = "image"  # the target image feature, e.g. "hr" for div2k
     # Feature holding the depth map (depth task) or the image before the edit (edit task).
     c.cond_key = ""  # empty = "depth" for depth, "input_image" for edit
     c.text_key = ""  # caption / instruction feature; empty = none
