@@ -84,6 +84,17 @@ class ControlNetModel(nn.Module):
             **options,
         )
 
+    def to_config(self) -> dict[str, Any]:
+        """A diffusers ``config.json`` dict for this architecture (round-trips through ``from_config``)."""
+        return {
+            "_class_name": "ControlNetModel",
+            **self.arch.to_config(with_up_blocks=False),
+            "conditioning_channels": self.conditioning_channels,
+            "conditioning_embedding_out_channels": list(self.conditioning_embedding_out_channels),
+            "controlnet_conditioning_channel_order": "bgr" if self.bgr_conditioning else "rgb",
+            "global_pool_conditions": self.global_pool_conditions,
+        }
+
     @staticmethod
     def dummy_inputs(config: Mapping[str, Any], batch: int = 1) -> tuple[Array, Array, Optional[Array], Array]:
         """(sample, timesteps, encoder_hidden_states, controlnet_cond) for ``init`` / ``jax.eval_shape``."""

@@ -170,6 +170,44 @@ class UNetArch:
             dropout=float(config.get("dropout", 0.0)),
         )
 
+    def to_config(self, with_up_blocks: bool = True) -> dict[str, Any]:
+        """The diffusers config dict (JSON-able) that :meth:`from_config` parses back to ``self``."""
+        config = {
+            "in_channels": self.in_channels,
+            "block_out_channels": list(self.block_out_channels),
+            "down_block_types": list(self.down_block_types),
+            "mid_block_type": self.mid_block_type,
+            # An int when uniform: diffusers' ControlNetModel only accepts an int.
+            "layers_per_block": self.layers_per_block[0] if len(set(self.layers_per_block)) == 1 else list(self.layers_per_block),
+            "transformer_layers_per_block": list(self.transformer_layers_per_block),
+            "attention_head_dim": list(self.num_attention_heads),
+            "only_cross_attention": list(self.only_cross_attention),
+            "cross_attention_dim": self.cross_attention_dim,
+            "use_linear_projection": self.use_linear_projection,
+            "upcast_attention": self.upcast_attention,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": self.norm_eps,
+            "act_fn": self.act_fn,
+            "downsample_padding": self.downsample_padding,
+            "mid_block_scale_factor": self.mid_block_scale_factor,
+        }
+        # Keys diffusers' ControlNetModel does not take (it fixes them to these defaults).
+        if with_up_blocks:
+            config.update(
+                mid_block_only_cross_attention=self.mid_block_only_cross_attention,
+                time_embedding_dim=self.time_embed_dim,
+                conv_in_kernel=self.conv_in_kernel,
+                dropout=self.dropout,
+                out_channels=self.out_channels,
+                up_block_types=list(self.up_block_types),
+                resnet_out_scale_factor=self.resnet_out_scale_factor,
+                conv_out_kernel=self.conv_out_kernel,
+                center_input_sample=self.center_input_sample,
+            )
+        return config
+
     @property
     def num_skip_points(self) -> int:
         """Encoder features the up path consumes: conv_in output + each layer + each downsampler."""
@@ -522,6 +560,10 @@ class UNet2DConditionModel(nn.Module):
     def from_config(cls, config: Mapping[str, Any], dtype: Any = jnp.float32, **options: Any) -> "UNet2DConditionModel":
         """Build from a diffusers ``config.json`` dict; ``options``: ``remat``, ``attention_implementation``."""
         return cls(UNetArch.from_config(config), dtype=dtype, **options)
+
+    def to_config(self) -> dict[str, Any]:
+        """A diffusers ``config.json`` dict for this architecture (round-trips through ``from_config``)."""
+        return {"_class_name": "UNet2DConditionModel", **self.arch.to_config()}
 
     @staticmethod
     def dummy_inputs(config: Mapping[str, Any], batch: int = 1) -> tuple[Array, Array, Optional[Array]]:
