@@ -134,6 +134,17 @@ def test_controlnet_matches_diffusers():
         np.testing.assert_allclose(np.asarray(a), b.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(out_mid), mid.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
 
+    # The residuals enter the UNet as diffusers adds them (skips and mid output).
+    ref_unet = diffusers.UNet2DConditionModel(**TINY_SD1).eval()
+    unet_state = _torch_state(ref_unet)
+    unet = UNet2DConditionModel.from_config(TINY_SD1)
+    unet_params = torch_to_flax(unet_state, jax.eval_shape(unet.init, jax.random.key(0), *unet.dummy_inputs(TINY_SD1))["params"])
+    with torch.no_grad():
+        ref = ref_unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx),
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    out = jax.jit(unet.apply)({"params": unet_params}, x, t, ctx, out_down, out_mid)
+    np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
+
 
 def test_parameter_paths_follow_diffusers_keys(sd1):
     _, params = sd1

@@ -69,6 +69,11 @@ def _per_block(value: Any, n: int, key: str) -> tuple:
     return (value,) * n
 
 
+def _compact(values: tuple) -> Any:
+    """A per-block tuple as a config value: the scalar when all entries agree, else a list."""
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetArch:
     """The architecture fields of a diffusers UNet/ControlNet config, normalised to per-block tuples.
@@ -177,11 +182,12 @@ class UNetArch:
             "block_out_channels": list(self.block_out_channels),
             "down_block_types": list(self.down_block_types),
             "mid_block_type": self.mid_block_type,
-            # An int when uniform: diffusers' ControlNetModel only accepts an int.
-            "layers_per_block": self.layers_per_block[0] if len(set(self.layers_per_block)) == 1 else list(self.layers_per_block),
-            "transformer_layers_per_block": list(self.transformer_layers_per_block),
-            "attention_head_dim": list(self.num_attention_heads),
-            "only_cross_attention": list(self.only_cross_attention),
+            # Scalars when uniform, as in the SD configs (diffusers' ControlNetModel needs an int
+            # layers_per_block).
+            "layers_per_block": _compact(self.layers_per_block),
+            "transformer_layers_per_block": _compact(self.transformer_layers_per_block),
+            "attention_head_dim": _compact(self.num_attention_heads),
+            "only_cross_attention": _compact(self.only_cross_attention),
             "cross_attention_dim": self.cross_attention_dim,
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
