@@ -20,6 +20,8 @@ setup(
         "tensorboard",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        # tensorflow-datasets imports it to locate builder code; recent etils no longer pulls it in.
+        "importlib_resources",
         "numpy",
         "safetensors",
         "huggingface_hub",
@@ -31,6 +33,7 @@ setup(
         "absl-py",
         "matplotlib",
         "Pillow",
+        "tqdm",
         "pytest",
     ],
     extras_require={

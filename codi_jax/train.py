@@ -8,6 +8,7 @@ take the loss's gradient w.r.t. the trainable parameters only, apply AdamW, upda
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -195,8 +196,28 @@ class PreemptionFlag:
 # --------------------------------------------------------------------------------------- trainer
 
 
-def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """Teacher, student, frozen/trainable split, optimizer and the abstract sharded state."""
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs besides data: model, state and the shardings of each input."""
+
+    student: Student
+    state: dict
+    state_sharding: Any
+    frozen: dict
+    frozen_sharding: Any
+    aux: dict
+    aux_sharding: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+
+    def abstract_state(self) -> Any:
+        """Shapes, dtypes and shardings of the state: the restore target for orbax."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.state_sharding)
+
+
+def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    """Teacher, student, frozen/trainable split, optimizer and the initial sharded state."""
     from codi_jax.data.config import cond_channels
 
     k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
@@ -212,12 +233,21 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     def init_state(p):
         return {"step": jnp.zeros((), jnp.int32), "params": p, "target": p, "opt_state": tx.init(p)}
 
-    abstract = jax.eval_shape(init_state, trainable)
-    state_sh = sharding.tree_shardings(abstract, mesh, cfg.mesh.min_shard_size)
-    state = jax.jit(init_state, out_shardings=state_sh)(trainable)
-    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh, cfg.mesh.min_shard_size))
-    aux = jax.device_put(aux, sharding.tree_shardings(aux, mesh, cfg.mesh.min_shard_size))
-    return student, state, state_sh, frozen, aux, tx, schedule
+    shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=cfg.mesh.min_shard_size)
+    state_sh = shard(jax.eval_shape(init_state, trainable))
+    frozen_sh, aux_sh = shard(frozen), shard(aux)
+    return Setup(student, jax.jit(init_state, out_shardings=state_sh)(trainable), state_sh,
+                 jax.device_put(frozen, frozen_sh), frozen_sh, jax.device_put(aux, aux_sh), aux_sh,
+                 tx, schedule)
+
+
+def jit_train_step(cfg: ml_collections.ConfigDict, s: Setup, mesh: jax.sharding.Mesh) -> Callable:
+    """The train step jitted over ``mesh``, the state donated."""
+    return jax.jit(make_train_step(cfg, s.student, s.tx, s.schedule),
+                   in_shardings=(s.state_sharding, s.frozen_sharding, s.aux_sharding,
+                                 sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                   out_shardings=(s.state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -230,23 +260,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if cfg.train.batch_size % (mesh.size * cfg.train.grad_accum):
         raise ValueError(f"train.batch_size: {cfg.train.batch_size} does not split into "
                          f"{cfg.train.grad_accum} micro-batches over {mesh.size} devices")
-    student, state, state_sh, frozen, aux, tx, schedule = setup(cfg, mesh)
+    s = setup(cfg, mesh)
+    student, state, frozen, aux = s.student, s.state, s.frozen, s.aux
 
     mgr = checkpoint_manager(workdir, cfg)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    restored = restore_latest(mgr, abstract)
+    restored = restore_latest(mgr, s.abstract_state())
     if restored is not None:
         state = restored
         logging.info("resumed from step %d", int(state["step"]))
     start = int(state["step"])
-
-    step_fn = jax.jit(
-        make_train_step(cfg, student, tx, schedule),
-        in_shardings=(state_sh, sharding.tree_shardings(frozen, mesh, cfg.mesh.min_shard_size),
-                      sharding.tree_shardings(aux, mesh, cfg.mesh.min_shard_size),
-                      sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,))
+    step_fn = jit_train_step(cfg, s, mesh)
     base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -279,7 +302,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         preempted.restore()
 
     params = final_params(cfg, state, frozen)
-    results = evaluate.run(cfg, student, params, aux, workdir, writer=writer, step=int(state["step"]))
+    results = {}
+    if cfg.eval.num_examples > 0:
+        results = evaluate.run(cfg, student, params, aux, workdir, writer=writer, step=int(state["step"]))
     if cfg.export and jax.process_index() == 0:
         evaluate.export(student, params, os.path.join(workdir, "export"), cfg)
     writer.flush()
@@ -296,13 +321,11 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """``mode=eval``: evaluates the latest checkpoint of ``workdir``."""
     from codi_jax import evaluate
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    student, state, state_sh, frozen, aux, _, _ = setup(cfg, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    restored = restore_latest(checkpoint_manager(workdir, cfg), abstract)
+    s = setup(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
+    restored = restore_latest(checkpoint_manager(workdir, cfg), s.abstract_state())
     if restored is None:
         raise FileNotFoundError(f"mode=eval: no restorable checkpoint under {workdir}/checkpoints")
-    return evaluate.run(cfg, student, final_params(cfg, restored, frozen), aux, workdir,
+    return evaluate.run(cfg, s.student, final_params(cfg, restored, s.frozen), s.aux, workdir,
                         step=int(restored["step"]))
 
 

@@ -1,0 +1,167 @@
+"""The trainer: sharded steps equal the single-device step, bitwise resume, SIGTERM, corrupt
+checkpoints, NaN stops, restore onto another mesh."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from codi_jax import config_lib, sharding, train
+
+TINY_UNET = dict(config_lib.DEMO_UNET, block_out_channels=[8, 16], layers_per_block=1,
+                 norm_num_groups=4, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
+
+
+def tiny_config(**train_overrides):
+    c = config_lib.base_config("sr")
+    c.model.pretrained = ""                       # random teacher: no asset needed
+    c.model.unet_config = TINY_UNET
+    c.model.prediction_type = "v_prediction"
+    c.data.image_size = 16
+    c.train.batch_size = 8
+    c.train.num_steps = 4
+    c.train.warmup_steps = 1
+    c.train.checkpoint_every = 2
+    c.train.log_every = 1
+    c.eval.num_examples = 0
+    c.export = False
+    c.distill.grid = 10
+    c.distill.timestep_sampling = "sample"
+    for k, v in train_overrides.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def _batch(seed=0, n=8):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {"image": jax.random.uniform(k1, (n, 16, 16, 3), minval=-1, maxval=1),
+            "cond": jax.random.uniform(k2, (n, 16, 16, 3), minval=-1, maxval=1)}
+
+
+def _run_steps(cfg, mesh, n=2):
+    s = train.setup(cfg, mesh)
+    step, state = train.jit_train_step(cfg, s, mesh), s.state
+    losses = []
+    for i in range(n):
+        batch = sharding.global_batch({k: np.asarray(v) for k, v in _batch(i).items()}, mesh)
+        state, metrics = step(state, s.frozen, s.aux, batch, jax.random.PRNGKey(7))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses
+
+
+def test_sharded_step_equals_single_device_step():
+    cfg = tiny_config()
+    cfg.mesh.min_shard_size = 64          # shard even the tiny model's parameters
+    ref_state, ref_losses = _run_steps(cfg, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    for data, fsdp in [(2, 4), (1, 8)]:
+        state, losses = _run_steps(cfg, sharding.make_mesh(data, fsdp))
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_pe_codi_state_holds_only_the_adapter():
+    """PE-CoDi: the frozen UNet has no gradient, optimizer state or EMA copy."""
+    cfg = tiny_config()
+    cfg.model.adapter, cfg.model.trainable = "controlnet", "adapter"
+    s = train.setup(cfg, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    assert set(s.state["params"]) == {"adapter"} and set(s.state["target"]) == {"adapter"}
+    assert set(s.frozen) == {"unet"}
+    n_opt = sum(x.size for x in jax.tree.leaves(s.state["opt_state"]))
+    n_adapter = sum(x.size for x in jax.tree.leaves(s.state["params"]))
+    assert n_opt <= 2 * n_adapter + 10  # Adam's two moments of the adapter only
+
+
+def _checkpoint(workdir, step):
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    train.train_and_evaluate(tiny_config(num_steps=4), whole)
+    train.train_and_evaluate(tiny_config(num_steps=2), halves)   # "killed" after step 2
+    train.train_and_evaluate(tiny_config(num_steps=4), halves)   # resumes at 2
+    a, b = _checkpoint(whole, 4), _checkpoint(halves, 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path, monkeypatch):
+    from codi_jax import data as data_lib
+
+    real = data_lib.make_train_iterator
+
+    def preempting_iterator(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", preempting_iterator)
+    cfg = tiny_config(num_steps=50, checkpoint_every=1000)
+    result = train.train_and_evaluate(cfg, str(tmp_path))
+    assert result == {"preempted_at": 3}
+    restored = _checkpoint(str(tmp_path), 3)
+    assert int(restored["step"]) == 3
+
+
+def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
+    workdir = str(tmp_path)
+    train.train_and_evaluate(tiny_config(num_steps=4), workdir)
+    latest = os.path.join(workdir, "checkpoints", "4")
+    for root, _, files in os.walk(latest):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    cfg = tiny_config(num_steps=4)
+    abstract = train.setup(cfg, sharding.make_mesh()).abstract_state()
+    restored = train.restore_latest(train.checkpoint_manager(workdir, cfg), abstract)
+    assert int(restored["step"]) == 2
+    assert "checkpoint 4" in caplog.text and "cannot be restored" in caplog.text
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    workdir = str(tmp_path)
+    cfg = tiny_config(num_steps=2)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.min_shard_size = 1, 8, 64
+    train.train_and_evaluate(cfg, workdir)
+    saved = _checkpoint(workdir, 2)
+    cfg.mesh.data, cfg.mesh.fsdp = 4, 2
+    abstract = train.setup(cfg, sharding.make_mesh(4, 2)).abstract_state()
+    restored = train.restore_latest(train.checkpoint_manager(workdir, cfg), abstract)
+    for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    sharded = [x for x in jax.tree.leaves(restored) if "fsdp" in str(x.sharding.spec)]
+    assert sharded and all(x.sharding.mesh.shape["fsdp"] == 2 for x in sharded)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_parameters(tmp_path, monkeypatch):
+    from codi_jax import data as data_lib
+
+    real = data_lib.make_train_iterator
+
+    def poisoned(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match="step 3"):
+        train.train_and_evaluate(tiny_config(num_steps=6, checkpoint_every=2), str(tmp_path))
+    assert int(_checkpoint(str(tmp_path), 2)["step"]) == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_checkpoint(str(tmp_path), 2)))
+
+
+def test_mesh_shape_errors_name_the_axes():
+    assert sharding.mesh_shape(-1, 2, 8) == (4, 2)
+    with pytest.raises(ValueError, match="mesh"):
+        sharding.mesh_shape(3, -1, 8)
+    with pytest.raises(ValueError, match="mesh"):
+        sharding.mesh_shape(-1, -1, 8)
+    with pytest.raises(ValueError, match="train.batch_size"):
+        train.train_and_evaluate(tiny_config(batch_size=6), "/nonexistent-never-written")
