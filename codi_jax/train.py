@@ -262,6 +262,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{cfg.train.grad_accum} micro-batches over {mesh.size} devices")
     s = setup(cfg, mesh)
     student, state, frozen, aux = s.student, s.state, s.frozen, s.aux
+    if student.teacher.tokenizer is not None and cfg.data.task == "edit" and not cfg.data.tokenizer:
+        # Per-example instructions are tokenized by the data pipeline with the teacher's tokenizer.
+        cfg.data.tokenizer = os.path.join(student.teacher.root, "tokenizer")
 
     mgr = checkpoint_manager(workdir, cfg)
     restored = restore_latest(mgr, s.abstract_state())

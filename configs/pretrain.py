@@ -16,15 +16,18 @@ def get_config(arg: str | None = None):
     c.model.pretrained = ""           # random init from model.unet_config
     c.model.adapter = "none"
     c.model.prediction_type = "v_prediction"
-    c.train.batch_size = 32
-    c.train.num_steps = 6000
+    c.train.batch_size = 16
+    c.train.num_steps = 3000
     c.train.lr = 1e-3
     c.train.lr_schedule = "cosine"
     c.train.warmup_steps = 200
     c.train.ema_decay = 0.999         # the exported teacher is the EMA (see train.py)
-    c.train.checkpoint_every = 1000
+    c.train.checkpoint_every = 500
+    c.train.log_every = 100
     c.eval.samplers = ("ddim",)
     c.eval.steps = (8, 32)
+    if arg not in (None, "", "minimal"):
+        raise ValueError(f"config: unknown preset {arg!r} of configs/pretrain.py; known: ['minimal']")
     if arg == "minimal":
         c.train.num_steps = 10
         c.train.warmup_steps = 2
