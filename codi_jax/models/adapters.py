@@ -44,7 +44,6 @@ from codi_jax.models.unet import (
 )
 
 Array = jax.Array
-AdapterKind = Literal["cond_encoder", "controlnet", "none"]
 ADAPTERS: tuple[str, ...] = ("cond_encoder", "controlnet", "none")
 
 # Hint stem of a ControlNet adapter whose condition is already latent-sized (no downsampling):
@@ -195,6 +194,9 @@ class ConditionedUNet(nn.Module):
         context: Optional[Array] = None,
         deterministic: bool = True,
     ) -> Array:
+        """NHWC ``z_t``, timesteps in the UNet's units (SD: 0..999, scalar or (B,)), condition ``cond``
+        (NHWC, latent-sized or ``cond_downscale`` times larger; ignored without adapter), text
+        ``context`` (None for models without cross-attention) → fp32 prediction shaped like ``z_t``."""
         if isinstance(self.adapter, CondEncoder):
             temb = self.unet.embed_time(timesteps, z_t.shape[0])
             features, mu = self.adapter(cond, temb, context, deterministic)
@@ -246,7 +248,10 @@ def init_adapted_params(config: Mapping[str, Any], unet_params: Mapping[str, Any
         fresh = {"mu": jnp.zeros(target["mu"].shape, jnp.float32)}
         if adapter.embedding_channels is None:
             kernel = unet_params["conv_in"]["kernel"]
-            fresh["conv_in"] = {"kernel": _reshape_conv_in(kernel, adapter.cond_channels), "bias": jnp.array(unet_params["conv_in"]["bias"])}
+            fresh["conv_in"] = {
+                "kernel": _reshape_conv_in(kernel, adapter.cond_channels),
+                "bias": jnp.array(unet_params["conv_in"]["bias"]),
+            }
         else:
             stem = ControlNetConditioningEmbedding(adapter.arch.block_out_channels[0], adapter.embedding_channels, zero_out=False)
             fresh["cond_embedding"] = stem.init(rng, inputs[0])["params"]

@@ -77,7 +77,9 @@ class ControlNetModel(nn.Module):
         return cls(
             UNetArch.from_config(config, with_up_blocks=False),
             conditioning_channels=int(config.get("conditioning_channels", 3)),
-            conditioning_embedding_out_channels=tuple(int(c) for c in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+            conditioning_embedding_out_channels=tuple(
+                int(c) for c in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+            ),
             bgr_conditioning=order == "bgr",
             global_pool_conditions=bool(config.get("global_pool_conditions", False)),
             dtype=dtype,

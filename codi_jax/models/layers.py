@@ -78,7 +78,13 @@ def get_timestep_embedding(
 
 def activation(name: str):
     """Activation by diffusers' ``act_fn`` name."""
-    table = {"silu": nn.silu, "swish": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu, "mish": lambda x: x * jnp.tanh(nn.softplus(x))}
+    table = {
+        "silu": nn.silu,
+        "swish": nn.silu,
+        "gelu": lambda x: nn.gelu(x, approximate=False),  # PyTorch's default GELU is the exact one
+        "relu": nn.relu,
+        "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+    }
     if name not in table:
         raise ValueError(f"act_fn={name!r} is not supported (choose from {sorted(table)})")
     return table[name]
@@ -129,7 +135,8 @@ class ResnetBlock2D(nn.Module):
                 raise ValueError("ResnetBlock2D(use_time_emb=True) needs a time embedding")
             t = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="time_emb_proj")(act(temb))
             h = h + t[:, None, None, :]
-        h = nn.GroupNorm(self.groups_out or self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=jnp.float32, name="norm2")(h)
+        groups_out = self.groups_out or self.groups
+        h = nn.GroupNorm(groups_out, epsilon=self.eps, dtype=self.dtype, param_dtype=jnp.float32, name="norm2")(h)
         h = act(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv2d(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
@@ -172,7 +179,9 @@ class Attention(nn.Module):
         if spatial is not None:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.norm_num_groups is not None:
-            x = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name="group_norm")(x)
+            x = nn.GroupNorm(
+                self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name="group_norm"
+            )(x)
         context = x if context is None else context
         inner = self.heads * self.dim_head
         dense = lambda f, b, n: nn.Dense(f, use_bias=b, dtype=self.dtype, param_dtype=jnp.float32, name=n)

@@ -638,7 +638,9 @@ class UNet2DConditionModel(nn.Module):
                                encoder_features, mix, deterministic)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"expected {len(skips)} down_block_additional_residuals, got {len(down_block_additional_residuals)}")
+                raise ValueError(
+                    f"expected {len(skips)} down_block_additional_residuals, got {len(down_block_additional_residuals)}"
+                )
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual.astype(h.dtype)
