@@ -118,7 +118,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
         else:
             # Gradient accumulation: the batch is split into `accum` micro-batches, scanned so
             # only one micro-batch's activations are alive at a time.
-            micro = jax.tree.map(lambda a: None if a is None else a.reshape((accum, -1) + a.shape[1:]), data)
+            micro = jax.tree.map(lambda a: a.reshape((accum, -1) + a.shape[1:]), data)
 
             def body(carry, inputs):
                 m, key = inputs
@@ -291,10 +291,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             pending = (step, metrics)
             report(step + 1)
             done = step + 1
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+            saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
+            if saved:
                 mgr.save(done, args=ocp.args.StandardSave(state))
             if preempted.is_set():
-                mgr.save(done, args=ocp.args.StandardSave(state), force=True)
+                if not saved:
+                    mgr.save(done, args=ocp.args.StandardSave(state), force=True)
                 mgr.wait_until_finished()
                 logging.warning("SIGTERM: saved step %d and stopped", done)
                 return {"preempted_at": done}
