@@ -84,6 +84,7 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0               # global-norm clip; 0 = off
     c.train.grad_accum = 1                # micro-batches per step (the batch is split)
     c.train.ema_decay = 0.95              # CoDi's target network θ⁻ (Algorithm 1)
+    c.train.mu_lr_scale = 50.0            # step-size multiplier of μ (eq. 10), see train.py
     c.train.log_every = 25
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
@@ -124,6 +125,7 @@ def apply_stable_diffusion(c: ml_collections.ConfigDict, version: str) -> ml_col
     c.data.image_size = 512 if version == "sd15" else 768
     c.train.lr = 8e-6
     c.train.ema_decay = 0.99995
+    c.train.mu_lr_scale = 1.0
     c.train.batch_size = 64
     c.train.num_steps = 100_000
     c.train.warmup_steps = 1000

@@ -68,6 +68,11 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
         raise ValueError(f"train.lr_schedule: unknown value {t.lr_schedule!r}; known: ['constant', 'cosine']")
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
     parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+    if t.mu_lr_scale != 1.0:
+        # Adam moves every parameter by about lr per step whatever its gradient, so the scalar
+        # gate μ of eq. 10 needs ~1/lr steps to open; short runs give it a larger step.
+        is_mu = lambda params: traverse_util.path_aware_map(lambda path, _: path[-1] == "mu", params)
+        parts.append(optax.masked(optax.scale(t.mu_lr_scale), is_mu))
     return optax.chain(*parts), schedule
 
 

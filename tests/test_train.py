@@ -178,3 +178,17 @@ def test_gradient_accumulation_runs_sharded():
     moved = [float(np.abs(a - b).max()) for a, b in
              zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"]))]
     assert max(moved) > 0  # different micro-batch noise gives a different (real) update
+
+
+def test_mu_gets_its_own_step_size():
+    t = tiny_config(lr=1e-3, warmup_steps=1, grad_clip=0.0).train
+    t.mu_lr_scale = 50.0
+    tx, _ = train.make_optimizer(t)
+    params = {"adapter": {"mu": jnp.zeros(()), "conv": {"kernel": jnp.zeros((3,))}}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+    ratio = float(params["adapter"]["mu"]) / float(params["adapter"]["conv"]["kernel"][0])
+    assert ratio == pytest.approx(50.0, rel=1e-5)
