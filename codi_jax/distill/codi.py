@@ -87,7 +87,7 @@ def sample_grid_index(rng: Array, batch_size: int, grid: int, mode: str) -> Arra
     return jnp.broadcast_to(i, (batch_size,))
 
 
-def _boundary_scalings(t: Array, cfg: CoDiLossConfig) -> tuple[Array, Array]:
+def boundary_scalings(t: Array, cfg: CoDiLossConfig) -> tuple[Array, Array]:
     # LCM's c_skip, c_out on the scaled time τ = scaling·1000·t: c_skip(0) = 1, c_out(0) = 0.
     tau = cfg.boundary_timestep_scaling * 1000.0 * t
     sd2 = cfg.boundary_sigma_data**2
@@ -120,7 +120,7 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
         x_hat, eps_hat = to_x_eps(pred.astype(jnp.float32), z, alpha, sigma, prediction_type)
         if cfg.boundary_scalings:
-            c_skip, c_out = _boundary_scalings(t, cfg)
+            c_skip, c_out = boundary_scalings(t, cfg)
             x_hat = broadcast_to(c_skip, z) * z + broadcast_to(c_out, z) * x_hat
             # ε̂ follows from the scaled x̂ so both spaces describe the same ẑ_s.
             eps_hat = (z - broadcast_to(alpha, z) * x_hat) / broadcast_to(sigma, z)
