@@ -1,0 +1,47 @@
+"""Evaluation metrics: FID (Inception-v3 pool features), LPIPS (VGG16 / AlexNet + linear heads) and
+a multi-scale sliced Wasserstein distance that needs no pretrained network.
+
+FID and LPIPS need the standard network weights, read from a local file the user supplies (see
+``fid.load_inception`` and ``lpips.load_lpips`` for the exact expected files). Without them these
+metrics are *not computed*: ``load_or_not_computed`` returns a ``NotComputed`` with the reason,
+which the evaluation writes as such — never a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, TypeVar
+
+from codi_jax.models.convert import ModelIOError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class NotComputed:
+    """A metric that could not be computed (e.g. its network weights are absent), and why."""
+
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"value": None, "not_computed": self.reason}
+
+    def __float__(self) -> float:
+        # A missing metric must never turn into a number in a table or a plot.
+        raise TypeError(f"metric not computed: {self.reason}")
+
+
+def load_or_not_computed(loader: Callable[[str], T], path: str | os.PathLike | None,
+                         name: str) -> T | NotComputed:
+    """``loader(path)``, or ``NotComputed`` when no path is configured or the file is missing,
+    unreadable or does not fit the network (every ``ModelIOError``). Other errors propagate."""
+    if path is None or str(path) == "":
+        return NotComputed(f"{name}: no weight file configured")
+    try:
+        return loader(os.fspath(path))
+    except ModelIOError as err:
+        return NotComputed(f"{name}: {err}")
+
+
+__all__ = ["NotComputed", "load_or_not_computed"]
