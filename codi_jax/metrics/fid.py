@@ -278,6 +278,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics have different shapes: {mu1.shape}/{sigma1.shape} vs "
                          f"{mu2.shape}/{sigma2.shape}")
+    if np.array_equal(mu1, mu2) and np.array_equal(sigma1, sigma2):
+        return 0.0   # exactly, rather than the ~1e-12 the eigendecompositions round to
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh((middle + middle.T) / 2.0)
