@@ -1,5 +1,11 @@
-"""Distillation objectives: CoDi (Algorithm 1) and, with later work, the baselines."""
+"""Distillation objectives: CoDi (Algorithm 1) and the baselines it is compared with —
+consistency distillation (CM) and guided / progressive distillation (GD)."""
 
 from codi_jax.distill.codi import CoDiLossConfig, ema_update, make_codi_loss, sample_grid_index
+from codi_jax.distill.consistency import CMLossConfig, make_cm_denoiser, make_cm_loss
+from codi_jax.distill.progressive import (ProgressiveLossConfig, make_guided_stage_one_loss,
+                                          make_progressive_loss, progressive_distillation)
 
-__all__ = ["CoDiLossConfig", "ema_update", "make_codi_loss", "sample_grid_index"]
+__all__ = ["CMLossConfig", "CoDiLossConfig", "ProgressiveLossConfig", "ema_update", "make_cm_denoiser",
+           "make_cm_loss", "make_codi_loss", "make_guided_stage_one_loss", "make_progressive_loss",
+           "progressive_distillation", "sample_grid_index"]
