@@ -216,8 +216,9 @@ def _scheduler_config(teacher: Teacher) -> dict:
               "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}
     if teacher.schedule.name in ("scaled_linear", "linear"):
         betas = 1.0 - teacher.schedule.alphas_cumprod / np.concatenate([[1.0], teacher.schedule.alphas_cumprod[:-1]])
+        # The betas were built in float32; 6 significant digits recover the configured values.
         config.update(beta_schedule=teacher.schedule.name, num_train_timesteps=len(betas),
-                      beta_start=float(np.sqrt(betas[0]) ** 2), beta_end=float(betas[-1]))
+                      beta_start=float(f"{betas[0]:.6g}"), beta_end=float(f"{betas[-1]:.6g}"))
     return config
 
 
