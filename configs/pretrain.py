@@ -3,8 +3,9 @@
 ``python -m codi_jax.main --config=configs/pretrain.py --workdir=runs/pretrain`` trains the
 ~2 M-parameter UNet of ``config_lib.DEMO_UNET`` from scratch with the standard diffusion loss on
 32x32 crops; ``runs/pretrain/export`` is then the diffusers-layout pipeline folder that ships as
-``codi_jax/assets/demo_teacher`` (see its README for the run that produced it: runtime and loss).
-Preset ``minimal`` runs a few steps (tests).
+``codi_jax/assets/demo_teacher``. The shipped teacher is this config's run: 51 minutes on a
+(shared, busy) 2-core CPU, v-MSE ≈ 0.05-0.08 over the last 1000 steps (0.078 at step 3000); its
+README has the loss curve. Preset ``minimal`` runs a few steps (tests).
 """
 
 from codi_jax import config_lib
