@@ -315,8 +315,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {}
     if cfg.eval.num_examples > 0:
         results = evaluate.run(cfg, student, params, aux, workdir, writer=writer, step=int(state["step"]))
-    if cfg.export and jax.process_index() == 0:
-        evaluate.export(student, params, os.path.join(workdir, "export"), cfg)
+    if cfg.export:
+        if jax.process_count() > 1:
+            # fsdp may split parameters across processes: every process takes part in gathering
+            # them (a collective) before process 0 alone writes the export.
+            from jax.experimental import multihost_utils
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() == 0:
+            evaluate.export(student, params, os.path.join(workdir, "export"), cfg)
     writer.flush()
     return results
 
