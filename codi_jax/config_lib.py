@@ -106,6 +106,35 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     return c
 
 
+PRESETS = ("minimal", "pe", "sd15", "sd21")
+
+
+def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The embedded CoDi setup of ``task``, or one of its ``PRESETS``: ``minimal`` (tens of steps
+    and a small eval: the end-to-end test), ``pe`` (PE-CoDi: ControlNet adapter, UNet frozen),
+    ``sd15`` / ``sd21`` (Stable Diffusion recipes)."""
+    c = base_config(task)
+    if arg in (None, ""):
+        return c
+    if arg == "minimal":
+        c.train.num_steps = 30
+        c.train.warmup_steps = 2
+        c.train.batch_size = 8
+        c.train.log_every = 10
+        c.train.checkpoint_every = 10
+        c.eval.num_examples = 8
+        c.eval.batch_size = 8
+        c.eval.grid_examples = 4
+        return c
+    if arg == "pe":
+        c.model.adapter = "controlnet"
+        c.model.trainable = "adapter"
+        return c
+    if arg not in PRESETS:
+        raise ValueError(f"config: unknown preset {arg!r}; known: {list(PRESETS)}")
+    return apply_stable_diffusion(c, arg)
+
+
 def apply_stable_diffusion(c: ml_collections.ConfigDict, version: str) -> ml_collections.ConfigDict:
     """Switches ``c`` to a Stable Diffusion recipe (``sd15`` or ``sd21``).
 

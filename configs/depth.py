@@ -9,7 +9,7 @@ Presets (``--config=configs/depth.py:<preset>``):
   ``python -m codi_jax.main --config=configs/depth.py --workdir=runs/depth`` takes about as
   long as ``configs/sr.py`` (≈10 minutes on a 2-core CPU) and writes the same files
   (checkpoints, TensorBoard, eval.json with PSNR/SSIM at 1/2/4/8 steps, samples, export/).
-* ``pe`` — the same with PE-CoDi (ControlNet adapter, UNet frozen).
+* ``pe`` — the same with PE-CoDi (ControlNet adapter, UNet frozen); ``minimal`` — tens of steps (tests).
 * ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 recipes (see configs/sr.py for the
   defaults and where they come from); bring data with ``--config.data.source=folder:<path>`` or
   ``tfds:<name>``.
@@ -19,11 +19,4 @@ from codi_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    c = config_lib.base_config("depth")
-    if arg in (None, ""):
-        return c
-    if arg == "pe":
-        c.model.adapter = "controlnet"
-        c.model.trainable = "adapter"
-        return c
-    return config_lib.apply_stable_diffusion(c, arg)
+    return config_lib.task_config("depth", arg)

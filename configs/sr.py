@@ -25,21 +25,4 @@ from codi_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    c = config_lib.base_config("sr")
-    if arg in (None, ""):
-        return c
-    if arg == "minimal":
-        c.train.num_steps = 30
-        c.train.warmup_steps = 2
-        c.train.batch_size = 8
-        c.train.log_every = 10
-        c.train.checkpoint_every = 10
-        c.eval.num_examples = 8
-        c.eval.batch_size = 8
-        c.eval.grid_examples = 4
-        return c
-    if arg == "pe":
-        c.model.adapter = "controlnet"
-        c.model.trainable = "adapter"
-        return c
-    return config_lib.apply_stable_diffusion(c, arg)
+    return config_lib.task_config("sr", arg)

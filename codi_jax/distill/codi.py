@@ -25,6 +25,7 @@ from codi_jax.diffusion.loss import DISTANCES, ModelFn, SNR_WEIGHTINGS, distance
 from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, \
     ddim_update, to_x_eps
 from codi_jax.diffusion.schedule import Schedule
+from codi_jax.distill.switches import Switches
 
 Array = jnp.ndarray
 # teacher(z_t, model_time, context) -> raw prediction of the frozen unconditional teacher.
@@ -41,8 +42,10 @@ _CHOICES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CoDiLossConfig:
+class CoDiLossConfig(Switches):
     """Switches of the CoDi objective. Defaults are the paper's choices."""
+
+    CHOICES = _CHOICES
 
     grid: int = 20                        # teacher grid N: t = i/N, s = t − 1/N.
     timestep_sampling: str = "batch"      # one t for the whole batch (paper) or one per example.
@@ -57,22 +60,6 @@ class CoDiLossConfig:
     boundary_timestep_scaling: float = 10.0
     cg_weight: float = 1.0                # λ; 0 is the "no CG" ablation.
     cg_distance: str = "latent_l2"        # paper default: ‖x − x̂‖² in the model's own space.
-
-    def __post_init__(self):
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}: unknown value {getattr(self, name)!r}; known: {list(choices)}")
-        if self.grid < 1:
-            raise ValueError(f"grid: the teacher grid needs at least one step, got {self.grid}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "CoDiLossConfig":
-        """Builds the config from a (ml_collections) mapping; unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"distill config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
 
 
 def ema_update(target_params: Any, online_params: Any, decay: float | Array) -> Any:

@@ -27,6 +27,7 @@ from codi_jax.diffusion.loss import DISTANCES, ModelFn, distance
 from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, \
     ddim_update, to_x_eps
 from codi_jax.diffusion.schedule import Schedule
+from codi_jax.distill.switches import Switches
 from codi_jax.distill.codi import boundary_scalings, sample_grid_index
 
 Array = jnp.ndarray
@@ -41,9 +42,11 @@ _CHOICES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CMLossConfig:
+class CMLossConfig(Switches):
     """Switches of the consistency-distillation objective. Defaults follow Song et al. 2023 (CD with
     a per-example time, uniform λ) and LCM's boundary scalings for VP latent models."""
+
+    CHOICES = _CHOICES
 
     grid: int = 20                        # teacher grid N, the same as CoDi's for a fair comparison.
     timestep_sampling: str = "sample"     # CM draws n ~ U{1..N} per example.
@@ -55,22 +58,6 @@ class CMLossConfig:
     # c_skip/c_out of ``codi.boundary_scalings`` (LCM): τ = scaling·1000·t, σ_data.
     boundary_sigma_data: float = 0.5
     boundary_timestep_scaling: float = 10.0
-
-    def __post_init__(self):
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}: unknown value {getattr(self, name)!r}; known: {list(choices)}")
-        if self.grid < 1:
-            raise ValueError(f"grid: the teacher grid needs at least one step, got {self.grid}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "CMLossConfig":
-        """Builds the config from a (ml_collections) mapping; unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"cm config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
 
 
 def consistency_function(pred: Array, z: Array, t: Array, schedule: Schedule, prediction_type: str,

@@ -42,6 +42,7 @@ from codi_jax.diffusion.loss import ModelFn, distance, sample_time
 from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, \
     ddim_update, to_x_eps
 from codi_jax.diffusion.schedule import Schedule
+from codi_jax.distill.switches import Switches
 from codi_jax.distill.codi import sample_grid_index
 
 Array = jnp.ndarray
@@ -57,8 +58,10 @@ _CHOICES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ProgressiveLossConfig:
+class ProgressiveLossConfig(Switches):
     """Switches of the GD objectives; defaults are Salimans & Ho's / Meng et al.'s choices."""
+
+    CHOICES = _CHOICES
 
     timestep_sampling: str = "sample"     # i ~ U{1..N} per example (Salimans & Ho, Alg. 2).
     weighting: str = "truncated_snr"      # max(SNR, 1) on ‖x̃ − x̂‖²; "snr_plus_one" is their other.
@@ -66,21 +69,9 @@ class ProgressiveLossConfig:
     w_min: float = 0.0
     w_max: float = 4.0
 
-    def __post_init__(self):
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}: unknown value {getattr(self, name)!r}; known: {list(choices)}")
+    def check(self) -> None:
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min: must not exceed w_max, got [{self.w_min}, {self.w_max}]")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "ProgressiveLossConfig":
-        """Builds the config from a (ml_collections) mapping; unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"gd config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
 
 
 def x_space_weight(logsnr: Array, kind: str) -> Array:
