@@ -327,7 +327,7 @@ def markdown_table(results: list[dict], batches=(1, 4, 8), fsdps=(1, 8, 32),
                 p = r["projection"]
                 yes = lambda c: "yes" if p[c]["fits_hbm"] else "no"  # noqa: E731
                 rows.append(f"| {remat} | {b} | {f} | {r['peak_bytes'] / GIB:.1f} | {yes('v5e')} | {yes('v4')} "
-                            f"| {r['flops_per_device'] / 1e12:.1f} "
+                            f"| {r['flops_per_device'] / 1e12:.1f} | "
                             + " | ".join(f"{p[c]['images_per_second_per_chip']:.2f}" for c in ("v5e", "v4", "v5p"))
                             + f" | {r['compile_seconds']:.0f} |")
     return "\n".join(rows)
