@@ -183,7 +183,8 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         elif adapter == "cond_encoder":
             os.makedirs(os.path.join(tmp, "cond_encoder"))
             flat = traverse_util.flatten_dict(params["adapter"], sep="/")
-            save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
+            # ascontiguousarray turns μ's 0-d array into shape (1,): keep the original shape.
+            save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()},
                       os.path.join(tmp, "cond_encoder", "model.safetensors"))
         if not os.path.exists(os.path.join(tmp, "scheduler")):
             os.makedirs(os.path.join(tmp, "scheduler"))
