@@ -229,6 +229,9 @@ def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dic
     ``model_overrides`` set ``cfg.model`` fields such as ``dtype``. The adapter's weights are
     checked against the shapes the adapted config implies before anything is returned.
     """
+    if path.startswith("embedded:"):  # a model shipped in codi_jax/assets, e.g. "embedded:demo_codi_sr"
+        from codi_jax.config_lib import embedded_path
+        path = embedded_path(path.split(":", 1)[1])
     from codi_jax.config_lib import base_config
     from codi_jax.models.adapters import init_adapted_params
 
