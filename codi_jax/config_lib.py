@@ -43,7 +43,9 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "train"            # train | eval
-    c.objective = "codi"        # codi (Algorithm 1) | diffusion (pretrain / fine-tune teachers)
+    # codi (Algorithm 1) | diffusion (pretrain / fine-tune teachers) | cm | gd (the baselines,
+    # distilled from a fine-tuned conditional teacher, model.conditional_teacher)
+    c.objective = "codi"
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = EMBEDDED_TEACHER  # diffusers pipeline folder, hub id or embedded:<name>
@@ -63,12 +65,24 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.model.attention = ""                # "" = XLA default, "cudnn" on GPUs
     c.model.prompt = ""                   # text-to-image teachers: prompt for every example
     c.model.text_layer = "last"           # last | penultimate (SD 2.x)
+    # cm | gd: the export/ folder of a conditional teacher fine-tuned with objective=diffusion
+    # (the `finetune` preset). The student starts from it; model.pretrained is then unused.
+    c.model.conditional_teacher = ""
 
     c.distill = ml_collections.ConfigDict(dict(
         grid=20, timestep_sampling="batch", predictor="prev", consistency_space="eps",
         distance="l2", huber_c=1e-3, snr_weighting="none", snr_gamma=5.0,
         boundary_scalings=False, boundary_sigma_data=0.5, boundary_timestep_scaling=10.0,
         cg_weight=1.0, cg_distance="latent_l2"))
+
+    # Consistency distillation (distill/consistency.py): Song et al. 2023's defaults, CoDi's grid.
+    c.cm = ml_collections.ConfigDict(dict(
+        grid=20, timestep_sampling="sample", distance="l2", huber_c=1e-3, weighting="uniform",
+        boundary_sigma_data=0.5, boundary_timestep_scaling=10.0))
+    # Progressive distillation (distill/progressive.py): rounds teacher_steps → /2 → … →
+    # target_steps, train.num_steps split evenly over the rounds.
+    c.gd = ml_collections.ConfigDict(dict(
+        teacher_steps=32, target_steps=4, timestep_sampling="sample", weighting="truncated_snr"))
 
     c.data = data_default_config(task)
 
@@ -100,19 +114,28 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.num_examples = 64
     c.eval.grid_examples = 8
-    c.eval.samplers = ("codi",)           # codi | ddim | dpmpp (teachers), see evaluate.py
+    c.eval.samplers = ("codi",)           # codi | ddim | dpmpp | cm | stochastic, see evaluate.py
+    # Distribution metrics over the whole eval set: multi-scale SWD (no network needed) always;
+    # FID / LPIPS only with the user's weight files (see codi_jax/metrics), else "not computed".
+    c.eval.swd = True
+    c.eval.fid_weights = ""               # Inception-v3 (pt_inception / torchvision) weight file
+    c.eval.lpips_weights = ""             # LPIPS backbone + linear-head files, comma-separated
+    c.eval.lpips_net = "alex"             # alex | vgg
 
     c.export = True
     return c
 
 
-PRESETS = ("minimal", "pe", "sd15", "sd21")
+PRESETS = ("minimal", "pe", "finetune", "cm", "gd", "sd15", "sd21")
 
 
 def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The embedded CoDi setup of ``task``, or one of its ``PRESETS``: ``minimal`` (tens of steps
     and a small eval: the end-to-end test), ``pe`` (PE-CoDi: ControlNet adapter, UNet frozen),
-    ``sd15`` / ``sd21`` (Stable Diffusion recipes)."""
+    ``finetune`` (the baselines' conditional teacher: the adapted model trained with the diffusion
+    loss, sampled with DDIM / DPM-Solver++ up to 200 steps), ``cm`` / ``gd`` (consistency /
+    progressive distillation of that teacher: pass ``--config.model.conditional_teacher=<its
+    workdir>/export``), ``sd15`` / ``sd21`` (Stable Diffusion recipes)."""
     c = base_config(task)
     if arg in (None, ""):
         return c
@@ -129,6 +152,22 @@ def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "pe":
         c.model.adapter = "controlnet"
         c.model.trainable = "adapter"
+        return c
+    if arg == "finetune":
+        c.objective = "diffusion"
+        # Evaluated with its EMA; 0.99 averages over the last ~100 steps of a short run.
+        c.train.ema_decay = 0.99
+        c.eval.samplers = ("ddim", "dpmpp")
+        c.eval.steps = (1, 2, 4, 8, 50, 200)
+        return c
+    if arg == "cm":
+        c.objective = "cm"
+        c.eval.samplers = ("cm",)
+        return c
+    if arg == "gd":
+        c.objective = "gd"
+        # The deterministic (DDIM) and the stochastic N-step sampler of Meng et al. §3.3.
+        c.eval.samplers = ("ddim", "stochastic")
         return c
     if arg not in PRESETS:
         raise ValueError(f"config: unknown preset {arg!r}; known: {list(PRESETS)}")

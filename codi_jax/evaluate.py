@@ -25,40 +25,61 @@ from flax import traverse_util
 from PIL import Image
 from tqdm import tqdm
 
-from codi_jax import diffusion, models, sharding
+from codi_jax import diffusion, metrics, models, sharding
+from codi_jax.distill import CMLossConfig, make_cm_denoiser
 from codi_jax.modeling import Student, Teacher, load_teacher, make_student
 from codi_jax.models.adapters import controlnet_config
 
 Array = jax.Array
 
 
-def _sampler(name: str, schedule: diffusion.Schedule, grid: int) -> Callable:
-    """``sample(denoise, z, num_steps)`` of a registered sampler name."""
+SAMPLERS = ("codi", "ddim", "dpmpp", "stochastic", "cm")
+
+
+def _sampler(name: str, student: Student, grid: int, cm: CMLossConfig) -> Callable:
+    """``sample(model_fn, z, num_steps, rng)`` of a registered sampler; ``model_fn(z, model_time)``
+    is the conditional model with its condition closed over."""
+    schedule, prediction_type = student.teacher.schedule, student.teacher.prediction_type
     train_grid = getattr(schedule, "num_train_timesteps", None)
+
+    def deterministic(run):
+        return lambda model_fn, z, n, rng: run(
+            diffusion.make_denoiser(model_fn, schedule, prediction_type), z, n, rng)
+
     samplers = {
         # The distilled model only knows the teacher grid.
-        "codi": lambda d, z, n: diffusion.codi_sample(d, z, schedule, n, grid),
-        # Teachers: any step count on their own training grid.
-        "ddim": lambda d, z, n: diffusion.ddim_sample(d, z, schedule, diffusion.timesteps(n, train_grid)),
-        "dpmpp": lambda d, z, n: diffusion.dpm_solver_pp_2m(d, z, schedule, diffusion.timesteps(n, train_grid)),
+        "codi": deterministic(lambda d, z, n, rng: diffusion.codi_sample(d, z, schedule, n, grid)),
+        # Teachers and GD students: any step count on their own training grid.
+        "ddim": deterministic(lambda d, z, n, rng: diffusion.ddim_sample(
+            d, z, schedule, diffusion.timesteps(n, train_grid))),
+        "dpmpp": deterministic(lambda d, z, n, rng: diffusion.dpm_solver_pp_2m(
+            d, z, schedule, diffusion.timesteps(n, train_grid))),
+        # GD's stochastic N-step sampler (Meng et al. §3.3).
+        "stochastic": deterministic(lambda d, z, n, rng: diffusion.stochastic_sample(
+            d, z, schedule, n, rng, train_grid)),
+        # CM students: their boundary-parametrized consistency function, multistep sampling on
+        # the CM grid.
+        "cm": lambda model_fn, z, n, rng: diffusion.consistency_sample(
+            make_cm_denoiser(model_fn, schedule, prediction_type, cm), z, schedule,
+            diffusion.timesteps(n, cm.grid), rng),
     }
     if name not in samplers:
         raise ValueError(f"eval.samplers: unknown sampler {name!r}; known: {sorted(samplers)}")
     return samplers[name]
 
 
-def make_sample_fn(student: Student, sampler: str, grid: int, num_steps: int) -> Callable:
-    """``sample(params, aux, batch, rng) -> images in [−1, 1]`` (jit it)."""
-    teacher = student.teacher
-    run = _sampler(sampler, teacher.schedule, grid)
+def make_sample_fn(student: Student, sampler: str, grid: int, num_steps: int,
+                   cm: CMLossConfig = CMLossConfig()) -> Callable:
+    """``sample(params, aux, batch, rng) -> images in [−1, 1]`` (jit it). ``grid`` is the teacher
+    grid CoDi distilled on; ``cm`` the CM student's boundary scalings and grid."""
+    run = _sampler(sampler, student, grid, cm)
 
     def sample(params, aux, batch, rng):
         data = student.prepare(aux, batch, None)
-        denoise = diffusion.make_denoiser(
-            lambda z, t: student.model_fn(params, z, t, data["cond"], data["context"]),
-            teacher.schedule, teacher.prediction_type)
-        z = jax.random.normal(rng, data["x"].shape, jnp.float32)
-        return jnp.clip(student.decode(aux, run(denoise, z, num_steps)), -1.0, 1.0)
+        k_init, k_sample = jax.random.split(rng)
+        z = jax.random.normal(k_init, data["x"].shape, jnp.float32)
+        model_fn = lambda z, t: student.model_fn(params, z, t, data["cond"], data["context"])
+        return jnp.clip(student.decode(aux, run(model_fn, z, num_steps, k_sample)), -1.0, 1.0)
 
     return sample
 
@@ -67,6 +88,60 @@ def _metrics(images: Array, targets: Array, mask: Array) -> dict[str, Array]:
     a, b = (images + 1.0) / 2.0, (targets + 1.0) / 2.0
     w = mask.astype(jnp.float32)
     return {"psnr": jnp.sum(w * pix.psnr(a, b)), "ssim": jnp.sum(w * pix.ssim(a, b)), "count": jnp.sum(w)}
+
+
+def _host(a: Array) -> np.ndarray:
+    """A global batch as one host array (gathered across processes)."""
+    from jax.experimental import multihost_utils
+
+    a = multihost_utils.process_allgather(a, tiled=True) if jax.process_count() > 1 else a
+    return np.asarray(a)
+
+
+class DistributionMetrics:
+    """The metrics that compare sets or need a network: multi-scale SWD (``eval.swd``; no network),
+    FID (``eval.fid_weights``) and LPIPS (``eval.lpips_weights``), each against the held-out
+    targets. Missing weights make a metric ``NotComputed``; its reason goes to the report."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        from codi_jax.metrics import fid, lpips
+
+        self.swd = bool(cfg.eval.swd)
+        self.inception = metrics.load_or_not_computed(fid.load_inception, cfg.eval.fid_weights, "FID")
+        self.lpips = metrics.load_or_not_computed(
+            lambda p: lpips.load_lpips(p.split(","), net=cfg.eval.lpips_net), cfg.eval.lpips_weights,
+            "LPIPS")
+        self._sets: dict[Any, list[np.ndarray]] = {}
+
+    @property
+    def not_computed(self) -> dict[str, str]:
+        return {name: m.reason for name, m in (("fid", self.inception), ("lpips", self.lpips))
+                if isinstance(m, metrics.NotComputed)}
+
+    def add(self, key: Any, images: Array, targets: Array, mask: Array) -> dict[str, float]:
+        """Collects a batch of ``key``'s images (masked examples dropped); returns LPIPS sums."""
+        out = {}
+        if not isinstance(self.lpips, metrics.NotComputed):
+            out["lpips"] = float(jnp.sum(mask.astype(jnp.float32) * self.lpips(images, targets)))
+        if self.swd or not isinstance(self.inception, metrics.NotComputed):
+            keep = _host(mask).astype(bool)
+            # float16 on the host: SD-sized eval sets stay a few hundred MB.
+            self._sets.setdefault(key, []).append(_host(images)[keep].astype(np.float16))
+        return out
+
+    def compare(self, key: Any, reference: Any) -> dict[str, float]:
+        """SWD / FID of the collected set ``key`` against the collected set ``reference``."""
+        from codi_jax.metrics import distribution, fid
+
+        if key not in self._sets:
+            return {}
+        a, b = np.concatenate(self._sets[key]), np.concatenate(self._sets[reference])
+        out = {}
+        if self.swd:
+            out["swd"] = distribution.multiscale_swd(a, b)["swd"]
+        if not isinstance(self.inception, metrics.NotComputed):
+            out["fid"] = fid.fid(a, b, self.inception)
+        return out
 
 
 def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any, workdir: str, *,
@@ -78,13 +153,22 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     dataset = data_lib.make_eval_dataset(cfg.data, batch_size=cfg.eval.batch_size)
     max_batches = max(1, -(-cfg.eval.num_examples // cfg.eval.batch_size))
     steps = [int(n) for n in cfg.eval.steps]
-    fns = {(s, n): jax.jit(make_sample_fn(student, s, cfg.distill.grid, n))
+    cm = CMLossConfig.from_mapping(cfg.cm.to_dict())
+    fns = {(s, n): jax.jit(make_sample_fn(student, s, cm.grid if s == "cm" else cfg.distill.grid, n, cm))
            for s in cfg.eval.samplers for n in steps}
     metric_fn = jax.jit(_metrics)
-    totals: dict[tuple[str, int], dict[str, float]] = {}
-    cond_totals: dict[str, float] = {}
+    dist = DistributionMetrics(cfg)
+    totals: dict[Any, dict[str, float]] = {}
     grid_rows = None
     key = jax.random.PRNGKey(cfg.seed + 1)
+
+    def accumulate(k, images, batch):
+        values = jax.device_get(metric_fn(images, batch["image"], batch["mask"]))
+        values.update(dist.add(k, images, batch["image"], batch["mask"]))
+        for name, v in values.items():
+            totals.setdefault(k, {}).setdefault(name, 0.0)
+            totals[k][name] += float(v)
+
     for b, local in enumerate(tqdm(dataset, total=min(len(dataset), max_batches), desc="eval",
                                    disable=jax.process_index() > 0)):
         if b >= max_batches:
@@ -94,24 +178,26 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
         rng = jax.random.fold_in(key, b)  # the same noise for every sampler and step count
         outputs = {}
         for (s, n), fn in fns.items():
-            images = fn(params, aux, batch, rng)
-            outputs[(s, n)] = images
-            for k, v in jax.device_get(metric_fn(images, batch["image"], batch["mask"])).items():
-                totals.setdefault((s, n), {}).setdefault(k, 0.0)
-                totals[(s, n)][k] += float(v)
+            outputs[(s, n)] = fn(params, aux, batch, rng)
+            accumulate((s, n), outputs[(s, n)], batch)
+        dist.add("target", batch["image"], batch["image"], batch["mask"])
         if batch["cond"].shape == batch["image"].shape:  # e.g. SR: the bicubic-upsampled input
-            for k, v in jax.device_get(metric_fn(batch["cond"], batch["image"], batch["mask"])).items():
-                cond_totals[k] = cond_totals.get(k, 0.0) + float(v)
+            accumulate("condition", batch["cond"], batch)
         if b == 0:
             grid_rows = _grid_columns(batch, outputs, cfg.eval.grid_examples)
 
+    def summary(k):
+        t = totals[k]
+        return dict({name: v / t["count"] for name, v in t.items() if name != "count"},
+                    **dist.compare(k, "target"))
+
     results = {"step": step, "num_examples": int(next(iter(totals.values()))["count"]), "samplers": {}}
-    for (s, n), t in sorted(totals.items()):
-        results["samplers"].setdefault(s, {})[str(n)] = {"psnr": t["psnr"] / t["count"],
-                                                         "ssim": t["ssim"] / t["count"]}
-    if cond_totals:
-        results["condition"] = {"psnr": cond_totals["psnr"] / cond_totals["count"],
-                                "ssim": cond_totals["ssim"] / cond_totals["count"]}
+    for s, n in sorted(k for k in totals if k != "condition"):
+        results["samplers"].setdefault(s, {})[str(n)] = summary((s, n))
+    if "condition" in totals:
+        results["condition"] = summary("condition")
+    if dist.not_computed:
+        results["not_computed"] = dist.not_computed
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, f"{name}.json"), "w") as f:
@@ -128,11 +214,9 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
 
 def _grid_columns(batch: dict, outputs: dict, n: int) -> list[np.ndarray]:
     """condition | each (sampler, steps) | target, for the first ``n`` examples."""
-    from jax.experimental import multihost_utils
 
     def host(a):
-        a = multihost_utils.process_allgather(a, tiled=True) if jax.process_count() > 1 else a
-        return np.asarray(a)[:n]
+        return _host(a)[:n]
 
     cond = host(batch["cond"])
     size = batch["image"].shape[1:3]

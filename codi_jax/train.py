@@ -26,11 +26,15 @@ from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
 from codi_jax import diffusion, sharding
-from codi_jax.distill import CoDiLossConfig, ema_update, make_codi_loss
+from codi_jax.distill import (CMLossConfig, CoDiLossConfig, ProgressiveLossConfig, ema_update,
+                              make_cm_loss, make_codi_loss, make_progressive_loss)
+from codi_jax.distill.progressive import round_schedule
 from codi_jax.models import adapters
 from codi_jax.modeling import Student, build_student, load_teacher
 
-OBJECTIVES = ("codi", "diffusion")
+OBJECTIVES = ("codi", "diffusion", "cm", "gd")
+# Objectives that distil a fine-tuned conditional teacher (model.conditional_teacher).
+BASELINE_OBJECTIVES = ("cm", "gd")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,32 +83,88 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
 # ------------------------------------------------------------------------------------------ step
 
 
-def make_loss(cfg: ml_collections.ConfigDict, student: Student) -> Callable:
-    """``loss(params, target_params, aux, batch, rng)`` of ``cfg.objective`` on full param trees."""
+def make_loss(cfg: ml_collections.ConfigDict, student: Student, student_steps: int | None = None
+              ) -> Callable:
+    """``loss(params, target_params, aux, batch, rng)`` of ``cfg.objective`` on full param trees.
+
+    ``target_params`` are CoDi's / CM's EMA target θ⁻, and for ``gd`` the frozen teacher of the
+    current round (whose student samples in ``student_steps``). CM's teacher is ``aux["teacher"]``.
+    """
     teacher = student.teacher
+    schedule, prediction_type = teacher.schedule, teacher.prediction_type
     if cfg.objective == "diffusion":
-        base = diffusion.make_diffusion_loss(student.model_fn, teacher.schedule, teacher.prediction_type)
+        base = diffusion.make_diffusion_loss(student.model_fn, schedule, prediction_type)
         return lambda params, target, aux, batch, rng: base(params, batch, rng)
+    if cfg.objective == "cm":
+        cm_cfg = CMLossConfig.from_mapping(cfg.cm.to_dict())
+
+        def cm_loss(params, target, aux, batch, rng):
+            teacher_fn = functools.partial(student.model_fn, aux["teacher"])
+            return make_cm_loss(student.model_fn, teacher_fn, schedule, prediction_type, cm_cfg)(
+                params, target, batch, rng)
+
+        return cm_loss
+    if cfg.objective == "gd":
+        gd = cfg.gd.to_dict()
+        gd_cfg = ProgressiveLossConfig.from_mapping(
+            {k: v for k, v in gd.items() if k not in ("teacher_steps", "target_steps")})
+
+        def gd_loss(params, target, aux, batch, rng):
+            teacher_fn = functools.partial(student.model_fn, target)
+            return make_progressive_loss(student.model_fn, teacher_fn, schedule, prediction_type,
+                                         student_steps, gd_cfg)(params, batch, rng)
+
+        return gd_loss
     if cfg.objective != "codi":
         raise ValueError(f"objective: unknown value {cfg.objective!r}; known: {list(OBJECTIVES)}")
     loss_cfg = CoDiLossConfig.from_mapping(cfg.distill.to_dict())
 
     def loss(params, target, aux, batch, rng):
         codi = make_codi_loss(
-            student.model_fn, teacher.schedule, teacher.prediction_type, loss_cfg,
+            student.model_fn, schedule, prediction_type, loss_cfg,
             teacher_fn=student.teacher_fn(aux["teacher"]) if "teacher" in aux else None,
-            decode_fn=functools.partial(student.decode, aux) if teacher.latent else (lambda x: x))
+            decode_fn=functools.partial(student.decode, aux) if teacher.latent else (lambda x: x),
+            perceptual_fn=_perceptual_fn(cfg, loss_cfg))
         return codi(params, target, batch, rng)
 
     return loss
 
 
+def _perceptual_fn(cfg: ml_collections.ConfigDict, loss_cfg: CoDiLossConfig) -> Callable | None:
+    """LPIPS for the ``cg_distance=perceptual`` ablation, from ``eval.lpips_weights``."""
+    if loss_cfg.cg_distance != "perceptual" or not loss_cfg.cg_weight:
+        return None
+    from codi_jax.metrics import lpips
+
+    if not cfg.eval.lpips_weights:
+        raise ValueError("distill.cg_distance: 'perceptual' needs LPIPS weights; set "
+                         "eval.lpips_weights (see codi_jax/metrics/lpips.py for the files)")
+    return lpips.load_lpips(cfg.eval.lpips_weights.split(","), net=cfg.eval.lpips_net)
+
+
+def gd_rounds(cfg: ml_collections.ConfigDict) -> list[int | None]:
+    """The student step count of each training round: progressive distillation's halvings for
+    ``gd``, one round (``None``) otherwise. ``train.num_steps`` is split evenly over the rounds."""
+    if cfg.objective != "gd":
+        return [None]
+    rounds = round_schedule(cfg.gd.teacher_steps, cfg.gd.target_steps)
+    if cfg.train.num_steps % len(rounds):
+        raise ValueError(f"train.num_steps: {cfg.train.num_steps} does not split evenly into the "
+                         f"{len(rounds)} rounds {cfg.gd.teacher_steps} → {cfg.gd.target_steps} steps")
+    return rounds
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.GradientTransformation,
-                    schedule: Callable) -> Callable:
-    """``step(state, frozen, aux, batch, base_rng) -> (state, metrics)``, pure and jittable."""
-    loss_fn = make_loss(cfg, student)
+                    schedule: Callable, student_steps: int | None = None, first_step: int = 0
+                    ) -> Callable:
+    """``step(state, frozen, aux, batch, base_rng) -> (state, metrics)``, pure and jittable.
+
+    ``student_steps`` and ``first_step`` describe the current GD round (whose optimizer, and so
+    learning-rate schedule, restarted at ``first_step``)."""
+    loss_fn = make_loss(cfg, student, student_steps)
     accum = cfg.train.grad_accum
-    decay = cfg.train.ema_decay
+    # GD has no EMA: its "target" is the current round's frozen teacher (see ``begin_round``).
+    decay = 1.0 if cfg.objective == "gd" else cfg.train.ema_decay
 
     def step(state, frozen, aux, batch, base_rng):
         # The step's randomness depends only on (seed, step): a resumed run draws what an
@@ -146,7 +206,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
         # host can stop one step later without a NaN ever reaching the parameters.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         new["step"] = state["step"] + 1
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"]),
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"] - first_step),
                        finite=finite.astype(jnp.float32))
         mu = traverse_util.flatten_dict(params).get(("adapter", "mu"))
         if mu is not None:
@@ -223,16 +283,26 @@ class Setup:
 
 def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     """Teacher, student, frozen/trainable split, optimizer and the initial sharded state."""
-    from codi_jax.data.config import cond_channels
+    if cfg.objective in BASELINE_OBJECTIVES and not cfg.model.conditional_teacher:
+        raise ValueError(f"objective {cfg.objective!r} distils a fine-tuned conditional teacher: set "
+                         "model.conditional_teacher to the export/ folder of a run of the `finetune` "
+                         "preset")
+    if cfg.model.conditional_teacher:
+        student, params = load_conditional_teacher(cfg)
+        teacher = student.teacher
+    else:
+        from codi_jax.data.config import cond_channels
 
-    k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    teacher = load_teacher(cfg, k_teacher)
-    student, params = build_student(cfg, teacher, cond_channels(cfg.data), k_adapter)
+        k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        teacher = load_teacher(cfg, k_teacher)
+        student, params = build_student(cfg, teacher, cond_channels(cfg.data), k_adapter)
     mode = cfg.model.trainable if "adapter" in params else "all"
     trainable, frozen = partition(params, adapters.trainable_mask(params, mode))
     aux = student.aux_params()
     if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
         aux["teacher"] = teacher.unet_params  # frozen copy: the online UNet moves under "all"
+    if cfg.objective == "cm":
+        aux["teacher"] = params  # the whole conditional teacher, frozen; the student starts as it
     tx, schedule = make_optimizer(cfg.train)
 
     def init_state(p):
@@ -246,12 +316,38 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
                  tx, schedule)
 
 
-def jit_train_step(cfg: ml_collections.ConfigDict, s: Setup, mesh: jax.sharding.Mesh) -> Callable:
-    """The train step jitted over ``mesh``, the state donated."""
-    return jax.jit(make_train_step(cfg, s.student, s.tx, s.schedule),
+def load_conditional_teacher(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:
+    """The exported fine-tuned conditional model of ``model.conditional_teacher`` and its params,
+    built with this config's compute options."""
+    from codi_jax import evaluate
+
+    student, params, _, _ = evaluate.load_exported(
+        cfg.model.conditional_teacher, dtype=cfg.model.dtype, remat=cfg.model.remat,
+        attention=cfg.model.attention)
+    return student, params
+
+
+def jit_train_step(cfg: ml_collections.ConfigDict, s: Setup, mesh: jax.sharding.Mesh,
+                   student_steps: int | None = None, first_step: int = 0) -> Callable:
+    """The train step (of the GD round ``student_steps`` starting at ``first_step``) jitted over
+    ``mesh``, the state donated."""
+    return jax.jit(make_train_step(cfg, s.student, s.tx, s.schedule, student_steps, first_step),
                    in_shardings=(s.state_sharding, s.frozen_sharding, s.aux_sharding,
                                  sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                    out_shardings=(s.state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def begin_round(s: Setup) -> Callable:
+    """``state -> state`` at a GD round boundary: the student just trained becomes the frozen
+    teacher (``target``) and the start of the next student, whose optimizer starts afresh. The
+    teacher lives in the checkpointed state, so a resumed run needs nothing else."""
+
+    def start(state):
+        return {"step": state["step"], "params": state["params"], "target": state["params"],
+                "opt_state": s.tx.init(state["params"])}
+
+    return jax.jit(start, in_shardings=(s.state_sharding,), out_shardings=s.state_sharding,
                    donate_argnums=(0,))
 
 
@@ -277,7 +373,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         state = restored
         logging.info("resumed from step %d", int(state["step"]))
     start = int(state["step"])
-    step_fn = jit_train_step(cfg, s, mesh)
+    rounds = gd_rounds(cfg)
+    round_length = cfg.train.num_steps // len(rounds)
+    step_fn = None
     base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -289,6 +387,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     pending = None  # metrics of the previous step, fetched one step late to keep the device busy
     try:
         for step in range(start, cfg.train.num_steps):
+            r, first = divmod(step, round_length)
+            if step_fn is None or first == 0:
+                if first == 0 and step > 0:
+                    state = begin_round(s)(state)
+                step_fn = jit_train_step(cfg, s, mesh, rounds[r], r * round_length)
             batch = sharding.global_batch(_with_prompt(next(batches), student, cfg), mesh)
             state, metrics = step_fn(state, frozen, aux, batch, base_rng)
             if pending is not None:
@@ -315,6 +418,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {}
     if cfg.eval.num_examples > 0:
         results = evaluate.run(cfg, student, params, aux, workdir, writer=writer, step=int(state["step"]))
+    results["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     if cfg.export:
         if jax.process_count() > 1:
             # fsdp may split parameters across processes: every process takes part in gathering

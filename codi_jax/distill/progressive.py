@@ -256,6 +256,23 @@ class Round:
     params: Any
 
 
+def round_schedule(teacher_steps: int, target_steps: int) -> list[int]:
+    """The students' step counts, one per round: ``teacher_steps``/2, /4, … down to ``target_steps``."""
+    if target_steps < 1 or teacher_steps < target_steps:
+        raise ValueError(f"teacher_steps/target_steps: need teacher_steps >= target_steps >= 1, "
+                         f"got {teacher_steps} and {target_steps}")
+    steps, n = [], teacher_steps
+    while n > target_steps:
+        if n % 2:
+            raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k; rounds halve "
+                             f"the steps and {n} is odd")
+        n //= 2
+        steps.append(n)
+    if n != target_steps:
+        raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k")
+    return steps
+
+
 def progressive_distillation(model_fn: ModelFn, teacher_params: Any, schedule: Schedule,
                              prediction_type: str, train_round: TrainRound, *, teacher_steps: int,
                              target_steps: int, steps_per_round: int | Sequence[int],
@@ -270,23 +287,12 @@ def progressive_distillation(model_fn: ModelFn, teacher_params: Any, schedule: S
     ``loss_fn``: a trainer that jits it for a large model should pass them as an argument instead
     (``make_progressive_loss`` with a ``teacher_fn`` reading them from there).
     """
-    if target_steps < 1 or teacher_steps < target_steps:
-        raise ValueError(f"teacher_steps/target_steps: need teacher_steps >= target_steps >= 1, "
-                         f"got {teacher_steps} and {target_steps}")
-    num_rounds, n = 0, teacher_steps
-    while n > target_steps:
-        if n % 2:
-            raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k; rounds halve "
-                             f"the steps and {n} is odd")
-        n //= 2
-        num_rounds += 1
-    if n != target_steps:
-        raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k")
-    budgets = ([steps_per_round] * num_rounds if isinstance(steps_per_round, int)
+    student_steps = round_schedule(teacher_steps, target_steps)
+    budgets = ([steps_per_round] * len(student_steps) if isinstance(steps_per_round, int)
                else list(steps_per_round))
-    if len(budgets) != num_rounds:
-        raise ValueError(f"steps_per_round: {num_rounds} rounds ({teacher_steps} → {target_steps} "
-                         f"steps) but {len(budgets)} budgets")
+    if len(budgets) != len(student_steps):
+        raise ValueError(f"steps_per_round: {len(student_steps)} rounds ({teacher_steps} → "
+                         f"{target_steps} steps) but {len(budgets)} budgets")
 
     rounds: list[Round] = []
     params, n = teacher_params, teacher_steps

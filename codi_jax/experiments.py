@@ -1,0 +1,157 @@
+"""The small-scale reproduction of the paper's comparisons (Table 1, Figs. 3 and 5) on this code.
+
+``python -m codi_jax.experiments --workdir=runs/reproduce`` trains every variant below on the
+embedded data (the shipped pixel-space teacher, SR ×4), with the same seed, data order, batch and
+step budget for every method, evaluates them all the same way (``evaluate.run``: PSNR, SSIM and
+multi-scale SWD at 1/2/4/8 steps; FID / LPIPS with ``--fid_weights`` / ``--lpips_weights``), and
+writes ``docs/results.md`` plus Fig.-5-style plots. Variants already evaluated in the workdir are
+not rerun (a stopped run resumes, mid-training too, from the checkpoints). ``--smoke`` runs the
+same pipeline with a handful of steps (the test suite's version).
+
+Budgets are fixed here, up front, for every method; nothing is chosen after seeing results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from typing import Any, Sequence
+
+import ml_collections
+from absl import app, flags, logging
+
+from codi_jax import config_lib
+
+# Every method: 600 steps of batch 16 (the embedded CoDi default), seed 0, 64 held-out crops.
+STEPS = 600
+SMOKE_STEPS = 3  # divisible by GD's three rounds
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the comparison: a ``configs/sr.py`` preset plus dotted-key overrides."""
+
+    name: str
+    label: str
+    preset: str | None = None
+    overrides: dict = dataclasses.field(default_factory=dict)
+    teacher: str | None = None     # variant whose export is this one's conditional teacher
+    needs_lpips: bool = False      # runs only with LPIPS weights (the perceptual CG ablation)
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("teacher", "Fine-tuned teacher", "finetune"),
+    Variant("codi", "CoDi"),
+    Variant("pe_codi", "PE-CoDi", "pe"),
+    Variant("cm", "CM", "cm", teacher="teacher"),
+    Variant("gd", "GD", "gd", teacher="teacher"),
+    Variant("random_init", "CoDi, random init", overrides={"model.init": "random"}),
+    Variant("sample_t", "CoDi, t per sample", overrides={"distill.timestep_sampling": "sample"}),
+    Variant("no_cg", "CoDi, no CG", overrides={"distill.cg_weight": 0.0}),
+    Variant("predictor_ddim", "CoDi, DDIM-v predictor", overrides={"distill.predictor": "ddim"}),
+    Variant("predictor_teacher", "CoDi, teacher predictor", overrides={"distill.predictor": "teacher"}),
+    Variant("cg_perceptual", "CoDi, perceptual CG", overrides={"distill.cg_distance": "perceptual"},
+            needs_lpips=True),
+)
+
+
+def variant_config(v: Variant, workdir: str, *, smoke: bool = False, fid_weights: str = "",
+                   lpips_weights: str = "") -> ml_collections.ConfigDict:
+    """The config of variant ``v``: its preset, its overrides, and the shared budget."""
+    cfg = config_lib.task_config("sr", v.preset)
+    for key, value in v.overrides.items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    if v.teacher:
+        cfg.model.conditional_teacher = os.path.join(workdir, v.teacher, "export")
+    cfg.eval.fid_weights, cfg.eval.lpips_weights = fid_weights, lpips_weights
+    cfg.eval.num_examples = 64
+    if smoke:
+        cfg.train.num_steps = SMOKE_STEPS
+        cfg.train.warmup_steps = 1
+        cfg.train.batch_size = 8
+        cfg.train.checkpoint_every = SMOKE_STEPS
+        cfg.eval.num_examples = cfg.eval.batch_size = 8
+        cfg.eval.grid_examples = 2
+        cfg.eval.steps = tuple(n for n in cfg.eval.steps if n <= 2)
+    else:
+        cfg.train.num_steps = STEPS
+    return cfg
+
+
+def run_variant(v: Variant, workdir: str, **kwargs: Any) -> dict:
+    """Trains and evaluates ``v`` in ``<workdir>/<name>`` unless its ``summary.json`` exists."""
+    from codi_jax import train
+
+    out = os.path.join(workdir, v.name)
+    summary_path = os.path.join(out, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    cfg = variant_config(v, workdir, **kwargs)
+    start = time.time()
+    results = train.train_and_evaluate(cfg, out)
+    summary = {"name": v.name, "label": v.label, "train_steps": cfg.train.num_steps,
+               "wall_time_s": time.time() - start, "results": results}
+    with open(summary_path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".tmp", summary_path)  # a summary is there only when complete
+    return summary
+
+
+def run_all(workdir: str, variants: Sequence[Variant] = VARIANTS, **kwargs: Any) -> dict[str, dict]:
+    summaries = {}
+    for v in variants:
+        if v.needs_lpips and not kwargs.get("lpips_weights"):
+            logging.warning("%s: skipped, it needs LPIPS weights (--lpips_weights)", v.name)
+            continue
+        logging.info("=== %s (%s)", v.name, v.label)
+        summaries[v.name] = run_variant(v, workdir, **kwargs)
+    return summaries
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/reproduce", "Where each variant's run goes (<workdir>/<variant>).")
+flags.DEFINE_string("report", "docs/results.md", "The Markdown report; the plots go beside it.")
+flags.DEFINE_bool("smoke", False, "A few steps per variant: checks the pipeline, not the claims.")
+flags.DEFINE_list("only", [], "Run only these variants (and the teacher they need).")
+flags.DEFINE_string("fid_weights", "", "Inception-v3 weight file for FID (else: not computed).")
+flags.DEFINE_string("lpips_weights", "", "LPIPS weight file(s), comma-separated (else: not computed).")
+
+
+def main(argv):
+    del argv
+    from codi_jax import report
+
+    variants = VARIANTS
+    if FLAGS.only:
+        unknown = sorted(set(FLAGS.only) - {v.name for v in VARIANTS})
+        if unknown:
+            raise ValueError(f"--only: unknown variants {unknown}; known: {[v.name for v in VARIANTS]}")
+        wanted = set(FLAGS.only) | {v.teacher for v in VARIANTS if v.name in FLAGS.only and v.teacher}
+        variants = tuple(v for v in VARIANTS if v.name in wanted)
+    summaries = run_all(FLAGS.workdir, variants, smoke=FLAGS.smoke, fid_weights=FLAGS.fid_weights,
+                        lpips_weights=FLAGS.lpips_weights)
+    command = (f"python -m codi_jax.experiments --workdir={FLAGS.workdir}"
+               + (" --smoke" if FLAGS.smoke else "")
+               + (f" --only={','.join(FLAGS.only)}" if FLAGS.only else ""))
+    report.write(summaries, FLAGS.report, command=command, commit=git_commit(),
+                 wall_time_s=sum(s["wall_time_s"] for s in summaries.values()), smoke=FLAGS.smoke)
+
+
+if __name__ == "__main__":
+    app.run(main)
