@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         # Live parity checks against PyTorch. torch is pinned to the CPU wheel: an unpinned torch
-        # pulls a multi-GB CUDA build. Install torch first, then this extra.
-        "parity": ["torch==2.13.0", "diffusers"],
+        # pulls a multi-GB CUDA build. Install torch first, then this extra. It is also the test
+        # extra: nbclient, nbformat and ipykernel execute the colab/ notebooks (tests/test_colab.py).
+        "parity": ["torch==2.13.0", "diffusers", "nbclient", "nbformat", "ipykernel"],
     },
 )
