@@ -99,6 +99,9 @@ def run_variant(v: Variant, workdir: str, **kwargs: Any) -> dict:
     cfg = variant_config(v, workdir, **kwargs)
     start = time.time()
     results = train.train_and_evaluate(cfg, out)
+    if "preempted_at" in results:
+        # SIGTERM: the checkpoint is saved; stop everything, the next invocation resumes here.
+        raise SystemExit(f"{v.name}: preempted at step {results['preempted_at']}; rerun to resume")
     summary = {"name": v.name, "label": v.label, "train_steps": cfg.train.num_steps,
                "wall_time_s": time.time() - start, "results": results}
     with open(summary_path + ".tmp", "w") as f:
