@@ -1,10 +1,13 @@
 """Evaluation, sample grids and export of a distilled model.
 
 ``run`` samples the held-out split at each configured step count with each configured sampler
-(the same initial noise for every step count), and reports PSNR and SSIM (dm-pix) against the
-targets in ``eval.json`` and TensorBoard, plus a sample grid PNG
-(condition | one column per step count | target). ``export`` writes the distilled model as a
-diffusers-layout pipeline folder; ``load_exported`` reads it back.
+(``SAMPLERS``: CoDi's few-step sampler, DDIM and DPM-Solver++ for teachers, GD's stochastic
+sampler, CM's multistep sampler), from the same initial noise for every sampler and step count.
+It reports PSNR and SSIM (dm-pix) against the targets, a multi-scale patch SWD between the samples
+and the targets, and FID / LPIPS when their weight files are configured ("not computed"
+otherwise), in ``eval.json`` and TensorBoard, plus a sample grid PNG (condition | one column per
+sampler and step count | target). ``export`` writes the distilled model as a diffusers-layout
+pipeline folder; ``load_exported`` reads it back.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ Presets (``--config=configs/sr.py:<preset>``):
   (and noise) with more steps — a ten-minute CPU run, not the paper's result.
 * ``minimal`` — the same with tens of steps and a small eval (the end-to-end test; ~1 minute).
 * ``pe`` — the embedded setup with PE-CoDi (ControlNet adapter, UNet frozen).
+* ``finetune`` — the baselines' conditional teacher: the same adapted model trained with the
+  standard diffusion loss (EMA 0.99), evaluated with DDIM and DPM-Solver++ at 1-200 steps.
+* ``cm`` / ``gd`` — consistency distillation / progressive distillation (rounds 32 → 16 → 8 → 4
+  steps) of that teacher: add ``--config.model.conditional_teacher=<finetune workdir>/export``.
+  ``python -m codi_jax.experiments`` runs all of them with CoDi's ablations; see docs/results.md.
 * ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 (diffusers layout; ``--config.model.pretrained``
   takes a hub id or a local folder), full CoDi; add ``--config.model.adapter=controlnet
   --config.model.trainable=adapter`` for PE-CoDi. Data: ``--config.data.source=tfds:<name>`` or

@@ -212,3 +212,26 @@ def test_multiscale_swd_identity_symmetry_and_shift():
     assert blurred["levels"]["32"] > 5 * d_ab["levels"]["32"]
     with pytest.raises(ValueError, match="image shape"):
         distribution.multiscale_swd(base, base[:, :16])
+
+
+def test_evaluation_metrics_with_lpips_weights_and_without_fid_weights(tmp_path):
+    """evaluate.DistributionMetrics: LPIPS from the configured files (0 for identical images, the
+    masked padding example left out), SWD of a set against itself 0, FID "not computed"."""
+    from codi_jax import config_lib, evaluate
+
+    metric = _random_lpips("alex")
+    save_file(_to_torch_state(metric.params), str(tmp_path / "lpips_alex.safetensors"))
+    cfg = config_lib.base_config()
+    cfg.eval.lpips_weights = str(tmp_path / "lpips_alex.safetensors")
+    dist = evaluate.DistributionMetrics(cfg)
+    assert set(dist.not_computed) == {"fid"} and "no weight file" in dist.not_computed["fid"]
+    a = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), minval=-1, maxval=1)
+    b = jnp.clip(a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape), -1, 1)
+    mask = jnp.array([1.0, 1.0, 1.0, 0.0])
+    assert dist.add("same", a, a, mask) == {"lpips": 0.0}
+    noisy = dist.add("noisy", b, a, mask)["lpips"]
+    np.testing.assert_allclose(noisy, float(jnp.sum(metric(b, a)[:3])), rtol=1e-5)
+    dist.add("target", a, a, mask)
+    assert dist.compare("same", "target") == {"swd": 0.0}
+    assert dist.compare("noisy", "target")["swd"] > 0
+    assert sum(len(x) for x in dist._sets["noisy"]) == 3

@@ -18,7 +18,9 @@ DDIM steps of the frozen teacher at 2N steps (t → t − 1/(2N) → t − 1/N):
     L     = w(λ_t) ‖x̃ − x̂_θ(z_t)‖²                               w = max(SNR_t, 1), "truncated SNR"
 
 ``progressive_distillation`` runs the rounds N → N/2 → … → target steps, each student starting from
-the previous one (which is also its teacher), through a caller-supplied ``train_round``.
+the previous one (which is also its teacher), through a caller-supplied ``train_round``. The
+trainer (objective ``gd``) runs the same rounds from ``round_schedule`` inside its checkpointed
+loop instead, keeping each round's teacher in the train state so a preempted run resumes.
 
 **How w reaches our models.** ``model_fn(params, z, model_time, cond, context)`` has no slot for w,
 so a w-conditioned model receives ``cond = {"cond": c, "w": w}`` and ``w_conditioned`` turns it
