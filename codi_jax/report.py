@@ -14,7 +14,6 @@ import datetime
 import os
 from typing import Any
 
-import numpy as np
 
 # (variant, sampler) → line label, for the main comparison (Table 1, Fig. 6).
 METHODS = (("teacher", "ddim", "Fine-tuned teacher, DDIM"),
@@ -91,8 +90,9 @@ def claims(summaries: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict | None) -> None:
-    """Metric vs sampling steps, one line per (variant, sampler), like the paper's Fig. 5."""
+def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict | None) -> bool:
+    """Metric vs sampling steps, one line per (variant, sampler), like the paper's Fig. 5.
+    Returns whether there was anything to plot (nothing is written otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,13 +101,18 @@ def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict |
     shown = [m for m in METRICS if any(m in e for v, s, _ in lines
                                        for e in summaries.get(v, {}).get("results", {})
                                        .get("samplers", {}).get(s, {}).values())]
+    if not shown:
+        return False
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], shown):
         for variant, sampler, label in lines:
             entries = summaries.get(variant, {}).get("results", {}).get("samplers", {}).get(sampler, {})
             pts = sorted((int(k), e[metric]) for k, e in entries.items() if metric in e and int(k) <= 8)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                line, = ax.plot(*zip(*pts), marker="o", label=label)
+                if metric in entries.get("50", {}):  # a teacher's 50-step reference, as in Table 1
+                    ax.axhline(entries["50"][metric], color=line.get_color(), linestyle=":",
+                               label=f"{label}, 50 steps")
         if condition and metric in condition:
             ax.axhline(condition[metric], color="gray", linestyle="--", label="bicubic input")
         ax.set_xscale("log", base=2)
@@ -119,6 +124,7 @@ def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict |
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _table(summaries: dict, lines: tuple, steps_filter=None) -> list[str]:
@@ -143,13 +149,16 @@ def _table(summaries: dict, lines: tuple, steps_filter=None) -> list[str]:
 
 def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wall_time_s: float,
           smoke: bool = False) -> str:
-    """Writes the report and its two plots (``<stem>_methods.png``, ``<stem>_ablations.png``)."""
+    """Writes the report and its plots (``<stem>_methods.png``, ``<stem>_ablations.png``, each
+    when it has something to show)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stem = os.path.splitext(path)[0]
     condition = next((s["results"].get("condition") for s in summaries.values()
                       if s["results"].get("condition")), None)
-    plot(summaries, METHODS, stem + "_methods.png", "Methods (Table 1 / Fig. 6 comparison)", condition)
-    plot(summaries, ABLATIONS, stem + "_ablations.png", "CoDi ablations (Figs. 3, 5)", condition)
+    figures = [name for name, lines, title in (
+        ("methods", METHODS, "Methods (Table 1 / Fig. 6 comparison)"),
+        ("ablations", ABLATIONS, "CoDi ablations (Figs. 3, 5)"))
+        if plot(summaries, lines, f"{stem}_{name}.png", title, condition)]
     not_computed = next((s["results"]["not_computed"] for s in summaries.values()
                          if s["results"].get("not_computed")), {})
     lines = [
@@ -172,8 +181,7 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
             "FID / LPIPS: not computed (" + "; ".join(not_computed.values()) + ")."
             if not_computed else "FID / LPIPS from the supplied weight files."),
         "",
-        "![methods](" + os.path.basename(stem) + "_methods.png)",
-        "![ablations](" + os.path.basename(stem) + "_ablations.png)",
+        *(f"![{name}]({os.path.basename(stem)}_{name}.png)" for name in figures),
         "",
         f"## The claims, at {CLAIM_STEPS} sampling steps",
         "",

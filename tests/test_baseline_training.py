@@ -94,4 +94,4 @@ def test_reproduction_smoke_runs_the_baselines_and_writes_the_report(tmp_path):
     assert "SMOKE RUN" in text and "| CM |" in text and "| GD, stochastic |" in text
     assert "FID / LPIPS: not computed" in text
     assert os.path.exists(str(tmp_path / "results_methods.png"))
-    assert os.path.exists(str(tmp_path / "results_ablations.png"))
+    assert not os.path.exists(str(tmp_path / "results_ablations.png"))  # no ablation was run
