@@ -258,7 +258,9 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         if teacher.root:
             for entry in os.listdir(teacher.root):
                 src = os.path.join(teacher.root, entry)
-                if entry not in ("unet", "controlnet", "cond_encoder", "codi.json") and not entry.startswith("."):
+                # The teacher's own model card (README.md) does not describe the distilled model.
+                if entry not in ("unet", "controlnet", "cond_encoder", "codi.json", "README.md") \
+                        and not entry.startswith("."):
                     (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
         params = jax.device_get(params)
         models.save(student.module.unet, params["unet"], os.path.join(tmp, "unet"), "unet",

@@ -200,7 +200,21 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
     lines += _table(summaries, METHODS)
     lines += ["", "## Ablations, every step count", ""]
     lines += _table(summaries, ABLATIONS)
-    lines += [""]
+    lines += ["", _discussion(path)]
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+DISCUSSION = "## Discussion"
+
+
+def _discussion(path: str) -> str:
+    """The hand-written analysis at the end of an existing report (from its ``## Discussion``
+    heading on), kept when the tables are regenerated."""
+    if not os.path.exists(path):
+        return f"{DISCUSSION}\n\n(not written yet)\n"
+    with open(path) as f:
+        text = f.read()
+    start = text.find(DISCUSSION)
+    return text[start:] if start >= 0 else f"{DISCUSSION}\n\n(not written yet)\n"

@@ -95,3 +95,9 @@ def test_reproduction_smoke_runs_the_baselines_and_writes_the_report(tmp_path):
     assert "FID / LPIPS: not computed" in text
     assert os.path.exists(str(tmp_path / "results_methods.png"))
     assert not os.path.exists(str(tmp_path / "results_ablations.png"))  # no ablation was run
+    # Regenerating the tables keeps the hand-written discussion.
+    with open(path, "a") as f:
+        f.write("the analysis\n")
+    report.write(summaries, path, command="cmd", commit="def", wall_time_s=1.0, smoke=True)
+    text = open(path).read()
+    assert "`def`" in text and text.endswith("the analysis\n") and text.count("## Discussion") == 1
