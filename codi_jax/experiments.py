@@ -41,6 +41,7 @@ class Variant:
     overrides: dict = dataclasses.field(default_factory=dict)
     teacher: str | None = None     # variant whose export is this one's conditional teacher
     needs_lpips: bool = False      # runs only with LPIPS weights (the perceptual CG ablation)
+    budget: float = 1.0            # training steps as a multiple of STEPS
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -56,6 +57,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("predictor_teacher", "CoDi, teacher predictor", overrides={"distill.predictor": "teacher"}),
     Variant("cg_perceptual", "CoDi, perceptual CG", overrides={"distill.cg_distance": "perceptual"},
             needs_lpips=True),
+    # A control added after the first results (docs/results.md, Discussion): CM and GD also use the
+    # teacher's fine-tuning steps, so this is CoDi with the same total training steps as they have.
+    Variant("codi_2x", "CoDi, 2x steps", budget=2.0),
 )
 
 
@@ -83,7 +87,7 @@ def variant_config(v: Variant, workdir: str, *, smoke: bool = False, fid_weights
         cfg.eval.grid_examples = 2
         cfg.eval.steps = (1,)
     else:
-        cfg.train.num_steps = STEPS
+        cfg.train.num_steps = int(STEPS * v.budget)
     return cfg
 
 

@@ -22,7 +22,8 @@ METHODS = (("teacher", "ddim", "Fine-tuned teacher, DDIM"),
            ("pe_codi", "codi", "PE-CoDi"),
            ("cm", "cm", "CM"),
            ("gd", "ddim", "GD, deterministic"),
-           ("gd", "stochastic", "GD, stochastic"))
+           ("gd", "stochastic", "GD, stochastic"),
+           ("codi_2x", "codi", "CoDi, 2x steps (the teacher's + CM's)"))
 # The §5.1 ablations (Figs. 3, 5), each a CoDi run with one switch changed.
 ABLATIONS = (("codi", "codi", "CoDi (pretrained, single t, CG, PREv, latent l2)"),
              ("random_init", "codi", "random init"),
@@ -86,6 +87,10 @@ def claims(summaries: dict) -> list[tuple[str, str, str]]:
     add("CoDi beats CM", codi, _entry(summaries, "cm", "cm", n))
     add("CoDi beats GD (deterministic sampler)", codi, _entry(summaries, "gd", "ddim", n))
     add("CoDi beats GD (stochastic sampler)", codi, _entry(summaries, "gd", "stochastic", n))
+    codi_2x = _entry(summaries, "codi_2x", "codi", n)
+    add("Control: CoDi with CM's total training steps beats CM", codi_2x, _entry(summaries, "cm", "cm", n))
+    add("Control: CoDi with GD's total training steps beats GD (stochastic)", codi_2x,
+        _entry(summaries, "gd", "stochastic", n))
     add("Latent-l2 CG beats perceptual (LPIPS) CG", codi, _entry(summaries, "cg_perceptual", "codi", n))
     return rows
 
@@ -174,7 +179,8 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
         "crops of the embedded demo images; every method trains the same number of steps (batch 16, "
         "seed 0, the same data order) and is evaluated on the same 64 held-out crops with the same "
         "initial noise. CM and GD start from the fine-tuned teacher, so they also use its "
-        "training steps; GD splits its budget over three rounds (32 → 16 → 8 → 4 steps).",
+        "training steps; GD splits its budget over three rounds (32 → 16 → 8 → 4 steps). The control "CoDi, "
+        "2x steps" trains twice as long: the teacher's steps plus CM's.",
         "- Metrics: PSNR / SSIM (dm-pix) against the high-resolution target; SWD = multi-scale "
         "sliced Wasserstein distance between patch distributions of the samples and of the targets "
         "(no pretrained network; it stands in for FID). " + (
