@@ -57,9 +57,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("predictor_teacher", "CoDi, teacher predictor", overrides={"distill.predictor": "teacher"}),
     Variant("cg_perceptual", "CoDi, perceptual CG", overrides={"distill.cg_distance": "perceptual"},
             needs_lpips=True),
-    # A control added after the first results (docs/results.md, Discussion): CM and GD also use the
+    # Controls added after the first results (docs/results.md, Discussion): CM and GD also use the
     # teacher's fine-tuning steps, so this is CoDi with the same total training steps as they have.
     Variant("codi_2x", "CoDi, 2x steps", budget=2.0),
+    # The same, for the spread between two training seeds: differences below it are noise.
+    Variant("codi_seed1", "CoDi, seed 1", overrides={"seed": 1}),
 )
 
 

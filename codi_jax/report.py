@@ -31,7 +31,8 @@ ABLATIONS = (("codi", "codi", "CoDi (pretrained, single t, CG, PREv, latent l2)"
              ("no_cg", "codi", "no CG"),
              ("predictor_ddim", "codi", "DDIM-v predictor"),
              ("predictor_teacher", "codi", "teacher predictor"),
-             ("cg_perceptual", "codi", "perceptual CG"))
+             ("cg_perceptual", "codi", "perceptual CG"),
+             ("codi_seed1", "codi", "CoDi, training seed 1 (the seed spread)"))
 METRICS = ("psnr", "ssim", "swd", "lpips", "fid")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "swd": False, "lpips": False, "fid": False}
 CLAIM_STEPS = 4
@@ -91,6 +92,8 @@ def claims(summaries: dict) -> list[tuple[str, str, str]]:
     add("Control: CoDi with CM's total training steps beats CM", codi_2x, _entry(summaries, "cm", "cm", n))
     add("Control: CoDi with GD's total training steps beats GD (stochastic)", codi_2x,
         _entry(summaries, "gd", "stochastic", n))
+    add("Control: seed 0 vs seed 1 of CoDi (a verdict here is noise)", codi,
+        _entry(summaries, "codi_seed1", "codi", n))
     add("Latent-l2 CG beats perceptual (LPIPS) CG", codi, _entry(summaries, "cg_perceptual", "codi", n))
     return rows
 
@@ -179,8 +182,9 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
         "crops of the embedded demo images; every method trains the same number of steps (batch 16, "
         "seed 0, the same data order) and is evaluated on the same 64 held-out crops with the same "
         "initial noise. CM and GD start from the fine-tuned teacher, so they also use its "
-        "training steps; GD splits its budget over three rounds (32 → 16 → 8 → 4 steps). The control "CoDi, "
-        "2x steps" trains twice as long: the teacher's steps plus CM's.",
+        "training steps; GD splits its budget over three rounds (32 → 16 → 8 → 4 steps). The controls "
+        "added after the first results: `codi_2x` trains twice as long (the teacher's steps plus "
+        "CM's), `codi_seed1` is CoDi with another training seed (the seed-to-seed spread).",
         "- Metrics: PSNR / SSIM (dm-pix) against the high-resolution target; SWD = multi-scale "
         "sliced Wasserstein distance between patch distributions of the samples and of the targets "
         "(no pretrained network; it stands in for FID). " + (
