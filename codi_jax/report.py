@@ -111,7 +111,7 @@ def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict |
                                        .get("samplers", {}).get(s, {}).values())]
     if not shown:
         return False
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown) + 2.8, 3.6), squeeze=False)
     for ax, metric in zip(axes[0], shown):
         for variant, sampler, label in lines:
             entries = summaries.get(variant, {}).get("results", {}).get("samplers", {}).get(sampler, {})
@@ -127,7 +127,7 @@ def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict |
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
         ax.set_xlabel("sampling steps")
         ax.set_title(f"{metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside, not over
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -172,8 +172,8 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
     lines = [
         "# Results: the paper's comparisons, reproduced at small scale on this code",
         "",
-        ("**SMOKE RUN: a few training steps per method; these numbers check the pipeline and say "
-         "nothing about the claims.**\n" if smoke else ""),
+        *(["**SMOKE RUN: a few training steps per method; these numbers check the pipeline and say "
+           "nothing about the claims.**", ""] if smoke else []),
         f"- Command: `{command}`",
         f"- Commit: `{commit}`; written {datetime.date.today().isoformat()}",
         f"- Wall time: {wall_time_s / 60:.1f} min in all "
