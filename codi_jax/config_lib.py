@@ -12,10 +12,15 @@ import ml_collections
 
 from codi_jax.data.config import default_config as data_default_config
 
-# The teacher shipped inside the package (trained by configs/pretrain.py on the demo data).
-EMBEDDED_TEACHER = "embedded:demo_teacher"
+# The pixel-space teacher shipped inside the package (configs/pretrain.py:pixel on the demo
+# crops); kept for tests and as the pixel-space example.
+DEMO_TEACHER = "embedded:demo_teacher"
+# The miniature Stable Diffusion shipped inside the package: MINI_VAE (configs/pretrain_vae.py)
+# and the latent MINI_UNET (configs/pretrain.py) on the embedded pictures. The default teacher.
+MINI_SD = "embedded:mini_sd"
+EMBEDDED_TEACHER = MINI_SD
 
-# The pixel-space UNet of the embedded teacher: 3 levels, no attention, ~2 M parameters.
+# The pixel-space UNet of the demo teacher: 3 levels, no attention, ~2 M parameters.
 DEMO_UNET = {
     "_class_name": "UNet2DConditionModel",
     "sample_size": 32,
@@ -32,6 +37,41 @@ DEMO_UNET = {
     "attention_head_dim": 8,
 }
 
+# The miniature SD autoencoder: diffusers AutoencoderKL, 4 latent channels, downsampling 4
+# (3 levels), mid-block attention like SD's. scaling_factor is measured after training.
+MINI_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "sample_size": 64,
+    "scaling_factor": 1.0,
+}
+
+# The miniature SD latent UNet: SD's block structure (a ResNet level, then self-attention levels
+# and an attention mid block) at 3 levels. Unconditional: no text encoder, so the transformer
+# blocks self-attend only (cross_attention_dim None; diffusers' PyTorch class cannot build such a
+# UNet, the JAX port can, and every CoDi code path is the SD one otherwise).
+MINI_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "cross_attention_dim": None,
+    "attention_head_dim": 4,
+}
+
 
 def embedded_path(name: str) -> str:
     """Folder of an asset shipped in ``codi_jax/assets`` (``embedded:<name>`` in configs)."""
@@ -44,12 +84,17 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.seed = 0
     c.mode = "train"            # train | eval
     # codi (Algorithm 1) | diffusion (pretrain / fine-tune teachers) | cm | gd (the baselines,
-    # distilled from a fine-tuned conditional teacher, model.conditional_teacher)
+    # distilled from a fine-tuned conditional teacher, model.conditional_teacher) | autoencoder
+    # (pretrain the VAE of model.vae_config, see codi_jax/autoencoder.py)
     c.objective = "codi"
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = EMBEDDED_TEACHER  # diffusers pipeline folder, hub id or embedded:<name>
-    c.model.unet_config = ml_collections.ConfigDict(DEMO_UNET)  # used when pretrained is ""
+    c.model.unet_config = ml_collections.ConfigDict(MINI_UNET)  # used when pretrained is ""
+    # A VAE (folder or embedded:<name>) for a teacher built from unet_config (pretrained ""):
+    # latent pretraining. With pretrained set, the pipeline's own vae/ is used.
+    c.model.vae = ""
+    c.model.vae_config = ml_collections.ConfigDict(MINI_VAE)  # objective "autoencoder"
     c.model.init = "pretrained"           # pretrained | random (the §5.1 "random init" ablation)
     c.model.adapter = "cond_encoder"      # cond_encoder (full CoDi) | controlnet (PE-CoDi) | none
     c.model.trainable = "all"             # all (CoDi) | adapter (PE-CoDi: UNet frozen)
@@ -85,6 +130,16 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
         teacher_steps=32, target_steps=4, timestep_sampling="sample", weighting="truncated_snr"))
 
     c.data = data_default_config(task)
+    # The embedded pictures, held out by picture, with the augmentations that keep a small set
+    # of pictures from being memorised.
+    c.data.source = "embedded"
+    c.data.image_size = 64
+    c.data.augment.rot90 = True
+    c.data.augment.scale_range = (0.5, 1.0)
+    c.data.augment.color_jitter = 0.1
+
+    # Objective "autoencoder": LDM's reconstruction terms and KL weight (see autoencoder.py).
+    c.autoencoder = ml_collections.ConfigDict(dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6))
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16               # global batch
@@ -97,12 +152,14 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0               # global-norm clip; 0 = off
     c.train.grad_accum = 1                # micro-batches per step (the batch is split)
-    c.train.ema_decay = 0.95              # CoDi's target network θ⁻ (Algorithm 1)
+    c.train.ema_decay = 0.95              # CoDi's / CM's consistency target θ⁻ (Algorithm 1)
+    # The evaluation EMA of every objective: what is evaluated and exported (online weights are
+    # reported beside it). Separate from θ⁻, whose decay is the paper's.
+    c.train.eval_ema_decay = 0.999
     c.train.mu_lr_scale = 50.0            # step-size multiplier of μ (eq. 10), see train.py
     c.train.log_every = 25
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
-    c.train.sample_every = 0              # 0 = only at the end
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                      # -1 fills the devices not used by the other axes
@@ -110,6 +167,10 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.mesh.min_shard_size = 2**14         # smaller parameters are replicated
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0                      # evaluate during training every this many steps (0 = end only)
+    # Held-out splits, each reported on its own (the embedded source: natural pictures, procedural).
+    c.eval.splits = ("eval", "eval_procedural")
+    c.eval.online = True                  # also evaluate the online weights at the end (first split)
     c.eval.steps = (1, 2, 4, 8)
     c.eval.batch_size = 16
     c.eval.num_examples = 64
@@ -123,6 +184,25 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.eval.lpips_net = "alex"             # alex | vgg
 
     c.export = True
+    return c
+
+
+def make_minimal(c: ml_collections.ConfigDict, num_steps: int = 30) -> ml_collections.ConfigDict:
+    """The small-run overrides every ``minimal`` preset shares (end-to-end tests): tens of steps,
+    a small batch, a small eval and small embedded splits."""
+    c.train.num_steps = num_steps
+    c.data.image_size = 32
+    c.train.warmup_steps = 2
+    c.train.batch_size = 8
+    c.train.log_every = 10
+    c.train.checkpoint_every = 10
+    c.eval.num_examples = 8
+    c.eval.batch_size = 8
+    c.eval.grid_examples = 4
+    c.data.embedded.natural_repeats = 2
+    c.data.embedded.procedural_train = 16
+    c.data.embedded.eval_crops_per_image = 2
+    c.data.embedded.procedural_eval = 8
     return c
 
 
@@ -140,23 +220,13 @@ def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     if arg in (None, ""):
         return c
     if arg == "minimal":
-        c.train.num_steps = 30
-        c.train.warmup_steps = 2
-        c.train.batch_size = 8
-        c.train.log_every = 10
-        c.train.checkpoint_every = 10
-        c.eval.num_examples = 8
-        c.eval.batch_size = 8
-        c.eval.grid_examples = 4
-        return c
+        return make_minimal(c)
     if arg == "pe":
         c.model.adapter = "controlnet"
         c.model.trainable = "adapter"
         return c
     if arg == "finetune":
         c.objective = "diffusion"
-        # Evaluated with its EMA; 0.99 averages over the last ~100 steps of a short run.
-        c.train.ema_decay = 0.99
         c.eval.samplers = ("ddim", "dpmpp")
         c.eval.steps = (1, 2, 4, 8, 50, 200)
         return c
@@ -191,6 +261,9 @@ def apply_stable_diffusion(c: ml_collections.ConfigDict, version: str) -> ml_col
     c.model.text_layer = "last"
     c.model.cond_input = "latent"
     c.data.image_size = 512 if version == "sd15" else 768
+    # The embedded set's augmentations are for a handful of pictures; a real dataset gets the
+    # usual random crop and flip only.
+    c.data.augment = data_default_config(c.data.task).augment
     c.train.lr = 8e-6
     c.train.ema_decay = 0.99995
     c.train.mu_lr_scale = 1.0
@@ -200,7 +273,7 @@ def apply_stable_diffusion(c: ml_collections.ConfigDict, version: str) -> ml_col
     c.train.weight_decay = 1e-2
     c.train.log_every = 100
     c.train.checkpoint_every = 2000
-    c.train.sample_every = 5000
+    c.eval.every = 5000
     c.eval.batch_size = 8
     c.eval.num_examples = 256
     c.mesh.fsdp = 8

@@ -37,6 +37,10 @@ Array = jax.Array
 
 
 SAMPLERS = ("codi", "ddim", "dpmpp", "stochastic", "cm")
+# The trivial baseline of each task, scored as ``condition``: the picture its condition already is.
+TRIVIAL_BASELINES = {"sr": "bicubic upsampling of the low-resolution input",
+                     "inpaint": "the masked input (holes mid-grey)",
+                     "edit": "the unedited input"}
 
 
 def _sampler(name: str, student: Student, grid: int, cm: CMLossConfig) -> Callable:
@@ -87,10 +91,24 @@ def make_sample_fn(student: Student, sampler: str, grid: int, num_steps: int,
     return sample
 
 
+def gradient_energy(images: Array) -> Array:
+    """Mean squared finite-difference gradient of each image in [0, 1] (B,): a sharpness measure.
+    A blurry output has less than the original, a noisy one more."""
+    dy = jnp.diff(images, axis=1)
+    dx = jnp.diff(images, axis=2)
+    return 0.5 * (jnp.mean(dy**2, axis=(1, 2, 3)) + jnp.mean(dx**2, axis=(1, 2, 3)))
+
+
 def _metrics(images: Array, targets: Array, mask: Array) -> dict[str, Array]:
     a, b = (images + 1.0) / 2.0, (targets + 1.0) / 2.0
     w = mask.astype(jnp.float32)
-    return {"psnr": jnp.sum(w * pix.psnr(a, b)), "ssim": jnp.sum(w * pix.ssim(a, b)), "count": jnp.sum(w)}
+    ga, gb = gradient_energy(a), gradient_energy(b)
+    return {"psnr": jnp.sum(w * pix.psnr(a, b)), "ssim": jnp.sum(w * pix.ssim(a, b)),
+            # Sharpness: the image's gradient energy, the target's, and their log-ratio (0 = as
+            # sharp as the original, < 0 blurrier, > 0 noisier).
+            "grad_energy": jnp.sum(w * ga), "grad_energy_target": jnp.sum(w * gb),
+            "sharpness_log_ratio": jnp.sum(w * jnp.log(ga / jnp.maximum(gb, 1e-12) + 1e-12)),
+            "count": jnp.sum(w)}
 
 
 def _host(a: Array) -> np.ndarray:
@@ -148,12 +166,17 @@ class DistributionMetrics:
 
 
 def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any, workdir: str, *,
-        writer=None, step: int = 0, name: str = "eval") -> dict:
-    """Evaluates ``params`` on the held-out split; writes ``<name>.json`` and a sample grid."""
+        writer=None, step: int = 0, name: str = "eval", split: str | None = None) -> dict:
+    """Evaluates ``params`` on the held-out ``split`` (default ``data.eval_split``); writes
+    ``<name>.json`` and a sample grid ``<name>_samples.png``."""
     from codi_jax import data as data_lib
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    dataset = data_lib.make_eval_dataset(cfg.data, batch_size=cfg.eval.batch_size)
+    data_cfg = cfg.data
+    if split is not None and split != cfg.data.eval_split:
+        data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+        data_cfg.eval_split = split
+    dataset = data_lib.make_eval_dataset(data_cfg, batch_size=cfg.eval.batch_size)
     max_batches = max(1, -(-cfg.eval.num_examples // cfg.eval.batch_size))
     steps = [int(n) for n in cfg.eval.steps]
     cm = CMLossConfig.from_mapping(cfg.cm.to_dict())
@@ -184,10 +207,14 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
             outputs[(s, n)] = fn(params, aux, batch, rng)
             accumulate((s, n), outputs[(s, n)], batch)
         dist.add("target", batch["image"], batch["image"], batch["mask"])
-        if batch["cond"].shape == batch["image"].shape:  # e.g. SR: the bicubic-upsampled input
-            accumulate("condition", batch["cond"], batch)
+        conditional = student.config["adapter"] != "none"  # else: pretraining, no input to show
+        if conditional and cfg.data.task in TRIVIAL_BASELINES:
+            accumulate("condition", batch["cond"][..., :3], batch)
         if b == 0:
             grid_rows = _grid_columns(batch, outputs, cfg.eval.grid_examples)
+            grid_labels = ["input"] + [f"{s} {n}" for s, n in sorted(outputs)] + ["original"]
+            if not conditional:
+                grid_rows, grid_labels = grid_rows[1:], grid_labels[1:]
 
     def summary(k):
         t = totals[k]
@@ -205,7 +232,7 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, f"{name}.json"), "w") as f:
             json.dump(results, f, indent=2)
-        grid = _grid_image(grid_rows)
+        grid = _grid_image(grid_rows, grid_labels)
         Image.fromarray(grid).save(os.path.join(workdir, f"{name}_samples.png"))
         if writer is not None:
             writer.write_images(step, {f"{name}/samples": grid[None]})
@@ -229,10 +256,24 @@ def _grid_columns(batch: dict, outputs: dict, n: int) -> list[np.ndarray]:
     return [cond_rgb] + [host(outputs[k]) for k in sorted(outputs)] + [host(batch["image"])]
 
 
-def _grid_image(columns: list[np.ndarray]) -> np.ndarray:
+GRID_TILE = 192  # minimum side of one sample in the grid, in pixels (nearest-neighbour upscaled)
+
+
+def _grid_image(columns: list[np.ndarray], labels: list[str]) -> np.ndarray:
+    """The columns side by side, each sample upscaled (nearest neighbour, so no pixel is invented)
+    to at least ``GRID_TILE`` pixels, under a header row that names each column."""
+    from PIL import ImageDraw
+
     rows = [np.concatenate([col[i] for col in columns], axis=1) for i in range(columns[0].shape[0])]
-    img = np.concatenate(rows, axis=0)
-    return np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8)
+    img = np.round((np.clip(np.concatenate(rows, axis=0), -1, 1) + 1) * 127.5).astype(np.uint8)
+    size = columns[0].shape[1]
+    k = max(1, -(-GRID_TILE // size))
+    img = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+    header = Image.new("RGB", (img.shape[1], 16), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    for j, label in enumerate(labels):
+        draw.text((j * size * k + 4, 2), label, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(header), img], axis=0)
 
 
 def _with_text(batch: dict, student: Student, cfg) -> dict:
@@ -275,6 +316,9 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
             # ascontiguousarray turns μ's 0-d array into shape (1,): keep the original shape.
             save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()},
                       os.path.join(tmp, "cond_encoder", "model.safetensors"))
+        if teacher.latent and not os.path.exists(os.path.join(tmp, "vae")):
+            # A teacher trained from scratch in a separately trained VAE's space (no pipeline root).
+            models.save(teacher.vae, jax.device_get(teacher.vae_params), os.path.join(tmp, "vae"), "vae")
         if not os.path.exists(os.path.join(tmp, "scheduler")):
             os.makedirs(os.path.join(tmp, "scheduler"))
             with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
@@ -282,6 +326,8 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         index_path = os.path.join(tmp, "model_index.json")
         index = json.load(open(index_path)) if os.path.exists(index_path) else {"_class_name": "CoDiPipeline"}
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        if teacher.latent:
+            index["vae"] = ["diffusers", "AutoencoderKL"]
         index["scheduler"] = index.get("scheduler", ["diffusers", "DDIMScheduler"])
         if adapter == "controlnet":
             index["controlnet"] = ["diffusers", "ControlNetModel"]

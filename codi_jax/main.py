@@ -34,7 +34,11 @@ def main(argv):
     logging.info("config:\n%s", cfg)
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
                  jax.process_count())
-    if cfg.mode == "train":
+    if cfg.mode == "train" and cfg.objective == "autoencoder":
+        from codi_jax import autoencoder
+
+        autoencoder.train_and_evaluate(cfg, FLAGS.workdir)
+    elif cfg.mode == "train":
         train.train_and_evaluate(cfg, FLAGS.workdir)
     elif cfg.mode == "eval":
         train.evaluate_checkpoint(cfg, FLAGS.workdir)

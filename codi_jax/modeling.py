@@ -75,8 +75,13 @@ def load_teacher(cfg: ml_collections.ConfigDict, rng: Array) -> Teacher:
         unet_config = m.unet_config.to_dict()
         unet = UNet2DConditionModel.from_config(unet_config)
         params = jax.jit(unet.init)(rng, *UNet2DConditionModel.dummy_inputs(unet_config))["params"]
-        return Teacher(unet_config, params, diffusion.get_schedule(m.schedule),
-                       m.prediction_type or "v_prediction")
+        teacher = Teacher(unet_config, params, diffusion.get_schedule(m.schedule),
+                          m.prediction_type or "v_prediction")
+        if m.vae:  # a latent model trained from scratch in a pretrained VAE's space
+            root = resolve_pipeline(m.vae)  # a pipeline folder, one with vae/, or the VAE's own
+            folder = os.path.join(root, "vae") if os.path.isdir(os.path.join(root, "vae")) else root
+            teacher.vae, teacher.vae_params = models.load(folder, "vae")
+        return teacher
     root = resolve_pipeline(m.pretrained)
     source = root if os.path.isdir(root) and os.path.exists(os.path.join(root, "unet")) else m.pretrained
     unet, unet_params = models.load(source, "unet")
@@ -179,8 +184,10 @@ class Student:
 
     def prepare(self, aux: dict, batch: dict, rng: Array) -> dict:
         """A data batch → the loss's batch ``{x, cond, context}`` (all frozen, no gradient)."""
+        # An unadapted model (teacher pretraining) reads no condition: skip its VAE encoding.
+        cond = None if self.config["adapter"] == "none" else self.encode_cond(aux, batch["cond"])
         out = {"x": self.encode_images(aux, batch["image"], rng),
-               "cond": self.encode_cond(aux, batch["cond"]),
+               "cond": cond,
                "context": self.context(aux, batch.get("text"))}
         return jax.lax.stop_gradient(out)
 

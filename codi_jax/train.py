@@ -33,6 +33,8 @@ from codi_jax.models import adapters
 from codi_jax.modeling import Student, build_student, load_teacher
 
 OBJECTIVES = ("codi", "diffusion", "cm", "gd")
+# Objectives with a second set of weights in the loss (θ⁻ of CoDi / CM, GD's round teacher).
+TARGET_OBJECTIVES = ("codi", "cm", "gd")
 # Objectives that distil a fine-tuned conditional teacher (model.conditional_teacher).
 BASELINE_OBJECTIVES = ("cm", "gd")
 
@@ -154,6 +156,12 @@ def gd_rounds(cfg: ml_collections.ConfigDict) -> list[int | None]:
     return rounds
 
 
+def evaluation_decay(decay: float, step: jax.Array) -> jax.Array:
+    """The evaluation EMA's decay at ``step``: ramped up as (1 + n) / (10 + n) (TF's num_updates
+    rule) to ``decay``, so a short run's average is not dominated by the initial weights."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.GradientTransformation,
                     schedule: Callable, student_steps: int | None = None, first_step: int = 0
                     ) -> Callable:
@@ -199,7 +207,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"step": state["step"] + 1, "params": params,
-               "target": ema_update(state["target"], params, decay), "opt_state": opt_state}
+               "target": (ema_update(state["target"], params, decay)
+                          if cfg.objective in TARGET_OBJECTIVES else state["target"]),
+               "ema": ema_update(state["ema"], params, evaluation_decay(cfg.train.eval_ema_decay, state["step"])),
+               "opt_state": opt_state}
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step leaves the state untouched (only the step counter moves), so the
@@ -211,6 +222,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
         mu = traverse_util.flatten_dict(params).get(("adapter", "mu"))
         if mu is not None:
             metrics["mu"] = jnp.mean(mu)
+            if mu.size > 1:  # per-level gates: the trajectory of each
+                metrics.update({f"mu_{i}": m for i, m in enumerate(jnp.ravel(mu))})
         return new, metrics
 
     return step
@@ -306,7 +319,9 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     tx, schedule = make_optimizer(cfg.train)
 
     def init_state(p):
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "target": p, "opt_state": tx.init(p)}
+        target = p if cfg.objective in TARGET_OBJECTIVES else {}
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "target": target, "ema": p,
+                "opt_state": tx.init(p)}
 
     shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=cfg.mesh.min_shard_size)
     state_sh = shard(jax.eval_shape(init_state, trainable))
@@ -344,8 +359,9 @@ def begin_round(s: Setup) -> Callable:
     teacher lives in the checkpointed state, so a resumed run needs nothing else."""
 
     def start(state):
+        # The evaluation EMA restarts too: it must not average students of other step counts.
         return {"step": state["step"], "params": state["params"], "target": state["params"],
-                "opt_state": s.tx.init(state["params"])}
+                "ema": state["params"], "opt_state": s.tx.init(state["params"])}
 
     return jax.jit(start, in_shardings=(s.state_sharding,), out_shardings=s.state_sharding,
                    donate_argnums=(0,))
@@ -395,10 +411,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = sharding.global_batch(_with_prompt(next(batches), student, cfg), mesh)
             state, metrics = step_fn(state, frozen, aux, batch, base_rng)
             if pending is not None:
-                _check_and_log(*pending, writer, cfg)
+                _check_and_log(*pending, writer, cfg, workdir)
             pending = (step, metrics)
             report(step + 1)
             done = step + 1
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.num_steps \
+                    and cfg.eval.num_examples > 0:
+                evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=False)
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
             if saved:
                 mgr.save(done, args=ocp.args.StandardSave(state))
@@ -409,15 +428,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("SIGTERM: saved step %d and stopped", done)
                 return {"preempted_at": done}
         if pending is not None:
-            _check_and_log(*pending, writer, cfg, force=True)
+            _check_and_log(*pending, writer, cfg, workdir, force=True)
     finally:
         mgr.wait_until_finished()
         preempted.restore()
 
-    params = final_params(cfg, state, frozen)
+    params = final_params(state, frozen)
     results = {}
     if cfg.eval.num_examples > 0:
-        results = evaluate.run(cfg, student, params, aux, workdir, writer=writer, step=int(state["step"]))
+        results = evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=cfg.eval.online)
     results["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     if cfg.export:
         if jax.process_count() > 1:
@@ -431,10 +450,34 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
-def final_params(cfg: ml_collections.ConfigDict, state: dict, frozen: dict) -> dict:
-    """What is evaluated and exported: CoDi's online student θ (the paper's model; θ⁻ is only its
-    consistency target), or the EMA weights of a model trained with the diffusion loss."""
-    return combine(state["target"] if cfg.objective == "diffusion" else state["params"], frozen)
+def final_params(state: dict, frozen: dict, weights: str = "ema") -> dict:
+    """What is evaluated and exported: the evaluation EMA of the trained weights (``"ema"``, the
+    same kind of weights for every objective), or the online weights (``"online"``)."""
+    return combine(state["ema"] if weights == "ema" else state["params"], frozen)
+
+
+def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, frozen: dict, aux: dict,
+                 workdir: str, writer=None, online: bool = False) -> dict:
+    """Evaluates the EMA weights on every split of ``eval.splits`` (and, with ``online``, the online
+    weights on the first), appends each result to ``eval_log.jsonl`` and returns the EMA's result
+    on the first split, with the others under ``"splits"`` / ``"online"``."""
+    from codi_jax import evaluate
+
+    step = int(state["step"])
+    runs = [(split, "ema") for split in cfg.eval.splits] + ([(cfg.eval.splits[0], "online")] if online else [])
+    out = {}
+    for i, (split, weights) in enumerate(runs):
+        name = "eval" + ("" if i == 0 else f"_{split}" if weights == "ema" else "_online")
+        res = evaluate.run(cfg, student, final_params(state, frozen, weights), aux, workdir,
+                           writer=writer, step=step, name=name, split=split)
+        append_jsonl(workdir, "eval_log.jsonl", {"step": step, "split": split, "weights": weights, **res})
+        if i == 0:
+            out = dict(res)
+        elif weights == "ema":
+            out.setdefault("splits", {})[split] = res
+        else:
+            out["online"] = res
+    return out
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -445,18 +488,30 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = restore_latest(checkpoint_manager(workdir, cfg), s.abstract_state())
     if restored is None:
         raise FileNotFoundError(f"mode=eval: no restorable checkpoint under {workdir}/checkpoints")
-    return evaluate.run(cfg, s.student, final_params(cfg, restored, s.frozen), s.aux, workdir,
-                        step=int(restored["step"]))
+    return evaluate_all(cfg, s.student, restored, s.frozen, s.aux, workdir, online=cfg.eval.online)
 
 
-def _check_and_log(step: int, metrics: dict, writer, cfg, force: bool = False) -> None:
+def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str, force: bool = False) -> None:
     metrics = jax.device_get(metrics)
     if not metrics.pop("finite"):
         raise NonFiniteLossError(f"step {step + 1}: the loss or its gradient is NaN/Inf "
                                  f"(loss={metrics['loss']}); the parameters were not updated and "
                                  "the last checkpoint holds the last good state")
     if force or (step + 1) % cfg.train.log_every == 0:
-        writer.write_scalars(step + 1, {f"train/{k}": float(v) for k, v in metrics.items()})
+        scalars = {k: float(v) for k, v in metrics.items()}
+        writer.write_scalars(step + 1, {f"train/{k}": v for k, v in scalars.items()})
+        # The curve as a small text file, to commit with results.
+        append_jsonl(workdir, "train_log.jsonl", {"step": step + 1, **scalars})
+
+
+def append_jsonl(workdir: str, name: str, record: dict) -> None:
+    """Appends ``record`` as one JSON line to ``workdir/name`` (process 0 only)."""
+    if jax.process_index() == 0:
+        import json
+
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, name), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _with_prompt(batch: dict, student: Student, cfg) -> dict:

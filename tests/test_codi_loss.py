@@ -125,6 +125,21 @@ def test_cg_weight_and_boundary_scalings():
     assert np.isfinite(float(bc(EXACT, EXACT, _batch(), rng)[0]))
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_boundary_scalings_stay_finite_when_s_is_zero(prediction_type):
+    # grid 2 with one t per example: about half the examples have s = 0 (σ_s = 0), where the
+    # boundary-scaled ε̂ = (z − α x̂)/σ was 0/0 and the mask let the NaN through.
+    cfg = CoDiLossConfig(grid=2, timestep_sampling="sample", boundary_scalings=True)
+    i = sample_grid_index(jax.random.split(jax.random.PRNGKey(3))[0], 64, 2, "sample")
+    assert (i == 1).any() and (i == 2).any()
+    loss = make_codi_loss(point_mass_model(prediction_type), SCHED, prediction_type, cfg)
+    params = {"m": M + 0.2, "w": EXACT["w"], "k": jnp.asarray(0.3)}
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, params, _batch(64),
+                                                                     jax.random.PRNGKey(3))
+    assert np.isfinite(float(value)) and float(metrics["consistency"]) > 0
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 def test_pixel_and_perceptual_cg_go_through_the_decoder():
     model = point_mass_model("epsilon")
     decode = lambda x: 3.0 * x

@@ -37,16 +37,13 @@ def test_main_command_writes_every_output(tmp_path):
     export = workdir / "export"
     assert {"unet", "cond_encoder", "scheduler", "codi.json", "model_index.json"} <= set(os.listdir(export))
 
-    from codi_jax import diffusion
-    from codi_jax.evaluate import load_exported
+    from codi_jax.evaluate import load_exported, make_sample_fn
 
     student, params, aux, grid = load_exported(str(export))
-    assert grid == 20 and student.config["adapter"] == "cond_encoder"
-    z = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    cond = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
-    denoise = diffusion.make_denoiser(lambda x, t: student.model_fn(params, x, t, cond, None),
-                                      student.teacher.schedule, student.teacher.prediction_type)
-    out = diffusion.codi_sample(denoise, z, student.teacher.schedule, 1, grid)
-    assert out.shape == z.shape and bool(np.all(np.isfinite(out)))
+    assert grid == 20 and student.config["adapter"] == "cond_encoder" and student.teacher.latent
+    batch = {"image": np.zeros((2, 32, 32, 3), np.float32),
+             "cond": np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1))}
+    out = jax.jit(make_sample_fn(student, "codi", grid, 1))(params, aux, batch, jax.random.PRNGKey(0))
+    assert out.shape == (2, 32, 32, 3) and bool(np.all(np.isfinite(out)))
     # μ moved away from 0: the exported encoder is the trained one, not the initial copy.
     assert abs(float(params["adapter"]["mu"])) > 0

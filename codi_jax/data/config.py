@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ml_collections
 
-TASKS = ("sr", "depth", "inpaint", "edit", "canny")
+TASKS = ("sr", "depth", "inpaint", "edit", "canny", "unconditional")
 
 
 def _sr_config() -> ml_collections.ConfigDict:
@@ -93,6 +93,30 @@ def _demo_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _embedded_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Each natural training picture appears this many times per epoch (a fresh crop each time).
+    c.natural_repeats = 64
+    c.procedural_train = 768  # dead-leaves pictures in the train split (seeds 0..n-1)
+    c.procedural_size = 128  # their side in pixels (at least the crop size)
+    c.eval_crops_per_image = 32  # fixed crops of each held-out picture
+    c.procedural_eval = 64  # held-out procedural pictures (the eval_procedural split)
+    return c
+
+
+def _augment_config() -> ml_collections.ConfigDict:
+    """On-the-fly augmentation of training crops (the defaults leave crops as they are)."""
+    c = ml_collections.ConfigDict()
+    c.rot90 = False  # a random multiple of 90 degrees
+    # The picture is shrunk by a factor drawn uniformly from this range before cropping (never
+    # enlarged: an upsampled target would teach blur). (1.0, 1.0) = off.
+    c.scale_range = (1.0, 1.0)
+    # Brightness, contrast and saturation factors drawn from [1 - j, 1 + j]; 0 = off. Not applied
+    # to the edit task, whose target is a function of its input's colours.
+    c.color_jitter = 0.0
+    return c
+
+
 def _folder_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.image_dir = "images"  # targets; the folder itself when this subfolder does not exist
@@ -114,7 +138,9 @@ def _tfds_config() -> ml_collections.ConfigDict:
 def default_config(task: str = "sr") -> ml_collections.ConfigDict:
     """All data options for ``task`` (one of ``TASKS``) with their defaults.
 
-    ``source`` is ``"demo"`` (the embedded dataset of images shipped with scikit-image/scikit-learn),
+    ``source`` is ``"embedded"`` (whole pictures shipped with scikit-image/scikit-learn, held out by
+    picture, plus procedural pictures; see ``codi_jax.data.embedded``), ``"demo"`` (the older
+    crop dataset of the same pictures, held out by column strip),
     ``"tfds:<name>"`` (e.g. ``tfds:div2k/bicubic_x4``; read from ``data_dir`` or ``$TFDS_DATA_DIR``)
     or ``"folder:<path>"``.
     """
@@ -132,6 +158,7 @@ def default_config(task: str = "sr") -> ml_collections.ConfigDict:
     # Shrink images whose short side is larger than this before cropping (0 = keep the native
     # resolution and take crops from it). Never upsamples: smaller images are skipped.
     c.resize_short_side = 0
+    c.augment = _augment_config()
     c.random_flip = True  # horizontal flip of training examples (jointly with their condition)
     c.strict = False  # True: a bad file is an error instead of being skipped and counted
     # True: grayscale, RGBA (composited on white), palette and 16-bit images are converted to 8-bit
@@ -148,6 +175,7 @@ def default_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.canny = _canny_config()
     c.depth = _depth_config()
     c.demo = _demo_config()
+    c.embedded = _embedded_config()
     c.folder = _folder_config()
     c.tfds = _tfds_config()
     return c
@@ -161,5 +189,6 @@ def cond_channels(cfg: ml_collections.ConfigDict) -> int:
         "inpaint": 4,  # masked image (3) + mask (1, 1 = hole)
         "edit": 3,
         "canny": cfg.canny.channels,
+        "unconditional": 3,  # the target itself, never read (pretraining)
     }[cfg.task]
 

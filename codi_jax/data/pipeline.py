@@ -25,7 +25,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from codi_jax.data import demo, ops, sources
+from codi_jax.data import demo, embedded, ops, sources
 from codi_jax.data.config import cond_channels
 from codi_jax.data.tasks import Task, get_task
 
@@ -50,6 +50,10 @@ def open_source(cfg: ml_collections.ConfigDict, split: str, process_index: int, 
     """The record source named by ``cfg.source`` for ``split`` (a folder path for folder sources)."""
     task = get_task(cfg.task)
     extra = task.extra
+    if cfg.source == "embedded":
+        base = embedded.EmbeddedSource(split, cfg.embedded, cfg.image_size, depth=extra == "depth",
+                                       process_index=process_index, process_count=process_count)
+        return sources.DemoEditSource(base) if extra == "source_image" else base
     if cfg.source == "demo":
         d = cfg.demo
         builder = demo.build_demo(
@@ -99,6 +103,17 @@ def _resize(arr: np.ndarray, size: tuple[int, int], is_depth: bool) -> np.ndarra
     return np.asarray(Image.fromarray(arr).resize((w, h), Image.BICUBIC, reducing_gap=3.0))
 
 
+def _color_jitter(image: np.ndarray, rng: np.random.Generator, j: float) -> np.ndarray:
+    """Brightness, contrast and saturation of an HxWx3 uint8 crop, each scaled by U[1 - j, 1 + j]."""
+    x = image.astype(np.float32)
+    brightness, contrast, saturation = rng.uniform(1.0 - j, 1.0 + j, 3)
+    x = x * brightness
+    x = (x - x.mean()) * contrast + x.mean()
+    gray = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    x = (x - gray) * saturation + gray
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
 class ExampleLoader:
     """Python side of the pipeline (run through ``tf.numpy_function``): record -> fixed-size crop.
 
@@ -131,8 +146,16 @@ class ExampleLoader:
         s = self.size
         if min(h, w) < s:
             raise sources.BadExample("too_small", f"{self.source.where(r)}: {h}x{w} < crop {s}")
+        aug = self.cfg.augment
+        rng = np.random.default_rng([self.seed, global_index]) if self.training else None
+        if self.training and tuple(aug.scale_range) != (1.0, 1.0):
+            # Drawn first and always, so the crop position below does not depend on the outcome.
+            f = rng.uniform(*aug.scale_range)
+            if min(h, w) * f >= s:
+                h, w = max(s, round(h * f)), max(s, round(w * f))
+                image = _resize(image, (h, w), False)
+                extra = None if extra is None else _resize(extra, (h, w), self.task.extra == "depth")
         if self.training:
-            rng = np.random.default_rng([self.seed, global_index])
             y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
             flip = self.cfg.random_flip and rng.random() < 0.5
         else:
@@ -143,6 +166,12 @@ class ExampleLoader:
         if flip:
             image = image[:, ::-1]
             extra = None if extra is None else extra[:, ::-1]
+        if self.training and aug.rot90:
+            k = int(rng.integers(0, 4))
+            image = np.rot90(image, k)
+            extra = None if extra is None else np.rot90(extra, k)
+        if self.training and aug.color_jitter and self.task.extra != "source_image":
+            image = _color_jitter(image, rng, aug.color_jitter)
         if extra is None:
             extra = np.zeros(self.extra_shape, np.float32)
         elif self.task.extra == "source_image":

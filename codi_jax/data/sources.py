@@ -21,7 +21,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPTH_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
-SOURCE_KINDS = ("demo", "tfds:<name>", "folder:<path>")
+SOURCE_KINDS = ("embedded", "demo", "tfds:<name>", "folder:<path>")
 
 
 class BadExample(Exception):

@@ -69,12 +69,21 @@ def canny(key: tf.Tensor, image: tf.Tensor, extra: tf.Tensor, cfg: ml_collection
     return ops.to_signed(image), _gray_to(edges * 2.0 - 1.0, o.channels)
 
 
+def unconditional(key: tf.Tensor, image: tf.Tensor, extra: tf.Tensor, cfg: ml_collections.ConfigDict) -> tuple[tf.Tensor, tf.Tensor]:
+    """No condition (teacher and autoencoder pretraining): ``cond`` is the target, never read, so
+    the pipeline spends nothing on degradations."""
+    del key, extra, cfg
+    signed = ops.to_signed(image)
+    return signed, signed
+
+
 TASK_REGISTRY: dict[str, Task] = {
     "sr": Task(sr, "", 1),
     "depth": Task(depth, "depth", 1),
     "inpaint": Task(inpaint, "", 1),
     "edit": Task(edit, "source_image", 3),
     "canny": Task(canny, "", 1),
+    "unconditional": Task(unconditional, "", 1),
 }
 assert tuple(TASK_REGISTRY) == TASKS
 

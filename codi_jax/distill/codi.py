@@ -154,12 +154,14 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         x_hat_s, eps_hat_s = jax.lax.stop_gradient(
             denoise(jax.lax.stop_gradient(target_params), z_s, s, cond, context))  # EMA target
 
-        if cfg.consistency_space == "eps":
-            consistency = distance(eps_hat_t, eps_hat_s, cfg.distance, cfg.huber_c)
-        else:
-            consistency = distance(x_hat_t, x_hat_s, cfg.distance, cfg.huber_c)
+        online, target = (eps_hat_t, eps_hat_s) if cfg.consistency_space == "eps" else (x_hat_t, x_hat_s)
         # At s = 0 the target sees clean data, where ε̂ is undefined (σ_s = 0) and x̂_s = ẑ_s =
-        # sg(x̂_t) carries no gradient: those examples get only the CG term.
+        # sg(x̂_t) carries no gradient: those examples get only the CG term. Their target is
+        # replaced by sg(online) (distance exactly 0) rather than masked afterwards, because a
+        # non-finite target would turn the masked gradient into 0 · NaN = NaN.
+        positive = broadcast_to(s > 0, online)
+        target = jnp.where(positive, target, jax.lax.stop_gradient(online))
+        consistency = distance(online, target, cfg.distance, cfg.huber_c)
         weight = (s > 0).astype(jnp.float32) * snr_weight(
             schedule.logsnr(t), cfg.consistency_space, cfg.snr_weighting, cfg.snr_gamma)
         consistency_loss = jnp.mean(weight * consistency)

@@ -1,0 +1,200 @@
+"""Pretraining of a KL autoencoder (diffusers ``AutoencoderKL`` layout): ``objective="autoencoder"``.
+
+The embedded miniature Stable Diffusion needs its own VAE: the teacher diffuses in its latent
+space and no SR result can beat what it reconstructs. The objective is the reconstruction part of
+the LDM autoencoder recipe (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models", App. G): ``|x − D(z)|₁ + w₂ ‖x − D(z)‖² + w_KL KL(q(z|x) ‖ N(0, I))`` with
+z ~ q(z|x) and SD's tiny KL weight, without the adversarial and LPIPS terms (no offline weights
+for the latter; both trade PSNR for sharpness, and PSNR is what the SR evaluation measures).
+
+The loop is the trainer's (``train.make_optimizer``, orbax checkpoints with resume, SIGTERM,
+non-finite steps never applied, evaluation every ``eval.every`` steps to TensorBoard and
+``eval_log.jsonl``). At the end the latent scale is measured as SD did (``scaling_factor`` =
+1 / std of the training latents) and ``export/vae`` is written in diffusers layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from codi_jax import models, sharding
+from codi_jax.distill import ema_update
+from codi_jax.models.vae import AutoencoderKL
+from codi_jax.train import (PreemptionFlag, append_jsonl, checkpoint_manager, evaluation_decay,
+                            make_optimizer, restore_latest)
+
+
+def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
+    """``loss(params, images, rng) -> (loss, metrics)`` of the reconstruction objective."""
+    w = cfg.autoencoder
+
+    def loss(params, images, rng):
+        posterior = vae.apply({"params": params}, images, method=vae.encode)
+        z = posterior.sample(rng)
+        rec = vae.apply({"params": params}, z, method=vae.decode).astype(jnp.float32)
+        l1 = jnp.mean(jnp.abs(rec - images))
+        l2 = jnp.mean(jnp.square(rec - images))
+        # Summed over latent elements, normalised by the pixel count like the reconstruction terms,
+        # so w_KL has the meaning of LDM's per-image kl_weight.
+        kl = 0.5 * jnp.sum(posterior.mean**2 + posterior.var - 1.0 - posterior.logvar,
+                           axis=(1, 2, 3)) / np.prod(images.shape[1:])
+        total = w.l1_weight * l1 + w.l2_weight * l2 + w.kl_weight * jnp.mean(kl)
+        return total, {"loss": total, "l1": l1, "l2": l2, "kl": jnp.mean(kl)}
+
+    return loss
+
+
+def make_train_step(vae: AutoencoderKL, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+    loss_fn = make_loss(vae, cfg)
+
+    def step(state, images, base_rng):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], images, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+               "ema": ema_update(state["ema"], params, evaluation_decay(cfg.train.eval_ema_decay, state["step"]))}
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        new["step"] = state["step"] + 1
+        return new, dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+
+    return step
+
+
+def reconstruct(vae: AutoencoderKL, params: Any, images: jax.Array) -> jax.Array:
+    """Posterior-mode reconstruction, clipped to [−1, 1] (what a latent model's decode shows)."""
+    z = vae.apply({"params": params}, images, method=vae.encode).mode()
+    return jnp.clip(vae.apply({"params": params}, z, method=vae.decode).astype(jnp.float32), -1.0, 1.0)
+
+
+def evaluate(vae: AutoencoderKL, params: Any, cfg: ml_collections.ConfigDict, mesh) -> dict:
+    """Reconstruction PSNR / SSIM on each held-out split of ``eval.splits`` (at most
+    ``eval.num_examples`` each), and the latent std on the first split."""
+    from codi_jax import data as data_lib
+
+    rec_fn = jax.jit(lambda p, x: reconstruct(vae, p, x))
+    out = {}
+    for split in cfg.eval.splits:
+        data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+        data_cfg.eval_split = split
+        ds = data_lib.make_eval_dataset(data_cfg, batch_size=cfg.eval.batch_size)
+        total = {"psnr": 0.0, "ssim": 0.0, "count": 0.0}
+        for b, local in enumerate(ds):
+            if b * cfg.eval.batch_size >= cfg.eval.num_examples:
+                break
+            batch = sharding.global_batch({"image": local["image"], "mask": local["mask"]}, mesh)
+            rec = rec_fn(params, batch["image"])
+            a, t = (rec + 1.0) / 2.0, (batch["image"] + 1.0) / 2.0
+            w = batch["mask"].astype(jnp.float32)
+            total["psnr"] += float(jnp.sum(w * pix.psnr(a, t)))
+            total["ssim"] += float(jnp.sum(w * pix.ssim(a, t)))
+            total["count"] += float(jnp.sum(w))
+        out[split] = {k: total[k] / max(total["count"], 1.0) for k in ("psnr", "ssim")}
+        out[split]["num_examples"] = int(total["count"])
+    return out
+
+
+def latent_std(vae: AutoencoderKL, params: Any, cfg: ml_collections.ConfigDict, mesh,
+               num_batches: int = 8) -> float:
+    """The std of posterior samples over training crops: SD's recipe for ``scaling_factor``."""
+    from codi_jax import data as data_lib
+
+    batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
+                                           seed=cfg.seed + 12345)
+    enc = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, method=vae.encode).sample(k))
+    zs = [np.asarray(enc(params, sharding.global_batch({"image": next(batches)["image"]}, mesh)["image"],
+                         jax.random.PRNGKey(i))) for i in range(num_batches)]
+    return float(np.std(np.concatenate(zs)))
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the autoencoder of ``cfg.model.vae_config`` in ``workdir`` (resuming), evaluates,
+    and exports ``workdir/export/vae``."""
+    from codi_jax import data as data_lib
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    vae_config = dict(cfg.model.vae_config.to_dict(), _class_name="AutoencoderKL")
+    vae = AutoencoderKL.from_config(vae_config, jnp.dtype(cfg.model.dtype))
+    params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *AutoencoderKL.dummy_inputs(vae_config))["params"]
+    tx, schedule = make_optimizer(cfg.train)
+    init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "ema": p, "opt_state": tx.init(p)}
+    state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh, cfg.mesh.min_shard_size)
+    state = jax.jit(init, out_shardings=state_sh)(params)
+    mgr = checkpoint_manager(workdir, cfg)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    restored = restore_latest(mgr, abstract)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from step %d", int(state["step"]))
+    start = int(state["step"])
+    step_fn = jax.jit(make_train_step(vae, cfg, tx),
+                      in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=cfg.train.num_steps, writer=writer)
+    batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
+                                           seed=cfg.seed, start_step=start)
+    preempted = PreemptionFlag()
+
+    def log_eval(step: int) -> dict:
+        results = evaluate(vae, state["ema"], cfg, mesh)
+        writer.write_scalars(step, {f"eval/{split}_{k}": v for split, m in results.items()
+                                    for k, v in m.items()})
+        append_jsonl(workdir, "eval_log.jsonl", {"step": step, **results})
+        logging.info("eval at step %d: %s", step, results)
+        return results
+
+    try:
+        for step in range(start, cfg.train.num_steps):
+            batch = sharding.global_batch({"image": next(batches)["image"]}, mesh)
+            state, metrics = step_fn(state, batch["image"], base_rng)
+            report(step + 1)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
+                metrics = jax.device_get(metrics)
+                if not metrics.pop("finite"):
+                    raise RuntimeError(f"step {done}: non-finite autoencoder loss {metrics['loss']}")
+                scalars = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(done))}
+                writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
+                append_jsonl(workdir, "train_log.jsonl", {"step": done, **scalars})
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+                mgr.save(done, args=ocp.args.StandardSave(state))
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.num_steps:
+                log_eval(done)
+            if preempted.is_set():
+                mgr.save(done, args=ocp.args.StandardSave(state), force=True)
+                mgr.wait_until_finished()
+                logging.warning("SIGTERM: saved step %d and stopped", done)
+                return {"preempted_at": done}
+    finally:
+        mgr.wait_until_finished()
+        preempted.restore()
+
+    results = log_eval(int(state["step"]))
+    std = latent_std(vae, state["ema"], cfg, mesh)
+    results["latent_std"] = std
+    results["scaling_factor"] = float(f"{1.0 / std:.5g}")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(dict(results, step=int(state["step"])), f, indent=2)
+        if cfg.export:
+            config = dict(vae_config, scaling_factor=results["scaling_factor"])
+            models.save(vae, jax.device_get(state["ema"]), os.path.join(workdir, "export", "vae"), "vae",
+                        config=config)
+    writer.flush()
+    return results
