@@ -88,7 +88,7 @@ def evaluate(vae: AutoencoderKL, params: Any, cfg: ml_collections.ConfigDict, me
 
     rec_fn = jax.jit(lambda p, x: reconstruct(vae, p, x))
     out = {}
-    for split in cfg.eval.splits:
+    for split in tuple(cfg.eval.splits) or (cfg.data.eval_split,):
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
         data_cfg.eval_split = split
         ds = data_lib.make_eval_dataset(data_cfg, batch_size=cfg.eval.batch_size)

@@ -99,6 +99,22 @@ def gradient_energy(images: Array) -> Array:
     return 0.5 * (jnp.mean(dy**2, axis=(1, 2, 3)) + jnp.mean(dx**2, axis=(1, 2, 3)))
 
 
+# The jitted samplers of the last student evaluated, by (sampler, grid, steps, cm): the evaluations
+# of one run (every split, EMA and online weights, each eval.every) share one compilation. Only one
+# student is kept, so a process that evaluates many models does not keep them all alive.
+_SAMPLE_FNS: dict[Any, Any] = {"student": None}
+
+
+def _jitted_sample_fn(student: Student, sampler: str, grid: int, num_steps: int, cm: CMLossConfig) -> Callable:
+    if _SAMPLE_FNS["student"] is not student:
+        _SAMPLE_FNS.clear()
+        _SAMPLE_FNS["student"] = student
+    key = (sampler, grid, num_steps, cm)
+    if key not in _SAMPLE_FNS:
+        _SAMPLE_FNS[key] = jax.jit(make_sample_fn(student, sampler, grid, num_steps, cm))
+    return _SAMPLE_FNS[key]
+
+
 def _metrics(images: Array, targets: Array, mask: Array) -> dict[str, Array]:
     a, b = (images + 1.0) / 2.0, (targets + 1.0) / 2.0
     w = mask.astype(jnp.float32)
@@ -180,7 +196,7 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     max_batches = max(1, -(-cfg.eval.num_examples // cfg.eval.batch_size))
     steps = [int(n) for n in cfg.eval.steps]
     cm = CMLossConfig.from_mapping(cfg.cm.to_dict())
-    fns = {(s, n): jax.jit(make_sample_fn(student, s, cm.grid if s == "cm" else cfg.distill.grid, n, cm))
+    fns = {(s, n): _jitted_sample_fn(student, s, cm.grid if s == "cm" else cfg.distill.grid, n, cm)
            for s in cfg.eval.samplers for n in steps}
     metric_fn = jax.jit(_metrics)
     dist = DistributionMetrics(cfg)
@@ -394,5 +410,7 @@ def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dic
                                                     if tuple(want[k].shape) != flat[k].shape)
         if bad:
             raise ValueError(f"{path}/cond_encoder does not match codi.json's adapted config: {bad[:10]}")
-        params["adapter"] = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))
+        # float32 master weights, as models.load gives the other components (files may be float16).
+        params["adapter"] = traverse_util.unflatten_dict(
+            {k: jnp.asarray(v, want[k].dtype) for k, v in flat.items()}, sep="/")
     return student, params, student.aux_params(), int(meta["grid"])

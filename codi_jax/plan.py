@@ -25,6 +25,7 @@ What the numbers are:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -177,8 +178,7 @@ def compile_step(cfg: Any, preset: str, batch_per_device: int, mfu: float = 0.4,
     if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
         aux["teacher"] = teacher.unet_params
     tx, schedule = train.make_optimizer(cfg.train)
-    state = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "target": p,
-                                      "opt_state": tx.init(p)}, trainable)
+    state = jax.eval_shape(functools.partial(train.initial_state, cfg, tx), trainable)
 
     def on(tree, sh):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)

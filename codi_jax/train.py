@@ -317,11 +317,7 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     if cfg.objective == "cm":
         aux["teacher"] = params  # the whole conditional teacher, frozen; the student starts as it
     tx, schedule = make_optimizer(cfg.train)
-
-    def init_state(p):
-        target = p if cfg.objective in TARGET_OBJECTIVES else {}
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "target": target, "ema": p,
-                "opt_state": tx.init(p)}
+    init_state = functools.partial(initial_state, cfg, tx)
 
     shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=cfg.mesh.min_shard_size)
     state_sh = shard(jax.eval_shape(init_state, trainable))
@@ -329,6 +325,14 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     return Setup(student, jax.jit(init_state, out_shardings=state_sh)(trainable), state_sh,
                  jax.device_put(frozen, frozen_sh), frozen_sh, jax.device_put(aux, aux_sh), aux_sh,
                  tx, schedule)
+
+
+def initial_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, trainable: dict) -> dict:
+    """The train state at step 0: the trainable params, θ⁻ (``target``, for the objectives that
+    have one), the evaluation EMA and the optimizer state."""
+    target = trainable if cfg.objective in TARGET_OBJECTIVES else {}
+    return {"step": jnp.zeros((), jnp.int32), "params": trainable, "target": target, "ema": trainable,
+            "opt_state": tx.init(trainable)}
 
 
 def load_conditional_teacher(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:
@@ -464,10 +468,12 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
     from codi_jax import evaluate
 
     step = int(state["step"])
-    runs = [(split, "ema") for split in cfg.eval.splits] + ([(cfg.eval.splits[0], "online")] if online else [])
+    splits = tuple(cfg.eval.splits) or (cfg.data.eval_split,)
+    runs = [(split, "ema") for split in splits] + ([(splits[0], "online")] if online else [])
     out = {}
     for i, (split, weights) in enumerate(runs):
-        name = "eval" + ("" if i == 0 else f"_{split}" if weights == "ema" else "_online")
+        # eval.json for the first split, <split>.json for the others, eval_online.json.
+        name = "eval" if i == 0 else split if weights == "ema" else "eval_online"
         res = evaluate.run(cfg, student, final_params(state, frozen, weights), aux, workdir,
                            writer=writer, step=step, name=name, split=split)
         append_jsonl(workdir, "eval_log.jsonl", {"step": step, "split": split, "weights": weights, **res})

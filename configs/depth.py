@@ -1,14 +1,16 @@
 """CoDi for depth-to-image (paper §5.2, Fig. 7).
 
-Condition: (image, depth) pairs: on the demo data the motorcycle stereo pair with its shipped disparity map.
+Condition: (image, depth) pairs: on the embedded data the exact depth order of procedural dead-leaves
+pictures and the motorcycle stereo pair with its disparity map (its right quarter held out).
 
 Presets (``--config=configs/depth.py:<preset>``):
 
-* (none) — the embedded tiny setup: the shipped pixel-space demo teacher distilled with full CoDi
-  on 32x32 crops of the embedded demo data.
-  ``python -m codi_jax.main --config=configs/depth.py --workdir=runs/depth`` takes about as
-  long as ``configs/sr.py`` (≈10 minutes on a 2-core CPU) and writes the same files
-  (checkpoints, TensorBoard, eval.json with PSNR/SSIM at 1/2/4/8 steps, samples, export/).
+* (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
+  latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures
+  (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/depth.py
+  --workdir=runs/depth`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
+  TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
+  MEASURED
 * ``pe`` — the same with PE-CoDi (ControlNet adapter, UNet frozen); ``minimal`` — tens of steps (tests).
 * ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 recipes (see configs/sr.py for the
   defaults and where they come from); bring data with ``--config.data.source=folder:<path>`` or

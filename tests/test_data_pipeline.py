@@ -117,7 +117,7 @@ def test_eval_split_padded_deterministic_and_sharded(demo_dir):
 
 def test_unknown_source_and_tfds_errors(demo_dir):
     cfg = demo_cfg("sr", demo_dir, source="s3:bucket")
-    with pytest.raises(ValueError, match="known sources: demo, tfds:<name>, folder:<path>"):
+    with pytest.raises(ValueError, match="known sources: embedded, demo, tfds:<name>, folder:<path>"):
         data.make_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
     cfg = demo_cfg("sr", demo_dir, source="tfds:mnistt")
     with pytest.raises(ValueError, match="did you mean: .*mnist"):

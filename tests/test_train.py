@@ -193,3 +193,48 @@ def test_mu_gets_its_own_step_size():
         params = jax.tree.map(jnp.add, params, updates)
     ratio = float(params["adapter"]["mu"]) / float(params["adapter"]["conv"]["kernel"][0])
     assert ratio == pytest.approx(50.0, rel=1e-5)
+
+
+def test_evaluation_ema_is_separate_from_the_consistency_target():
+    """The evaluation EMA follows the ramped decay (1 + n) / (10 + n), whatever θ⁻'s decay is; the
+    diffusion objective keeps no θ⁻ at all."""
+    cfg = tiny_config(ema_decay=0.5)
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    s = train.setup(cfg, mesh)
+    init = jax.device_get(s.state["params"])
+    state, _ = _run_steps(cfg, mesh, n=2)
+    # step 0: d = 0.1 → ema₁ = 0.1 init + 0.9 p₁; step 1: d = 2/11 → ema₂ = d ema₁ + (1 − d) p₂.
+    # Recompute p₁ from one step.
+    one, _ = _run_steps(cfg, mesh, n=1)
+    ema1 = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, init, one["params"])
+    d = 2.0 / 11.0
+    want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema1, state["params"])
+    for a, b in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(state["target"]),
+                                                    jax.tree.leaves(state["ema"])))
+    cfg.objective = "diffusion"
+    assert train.setup(cfg, mesh).state["target"] == {}
+
+
+def test_evaluation_during_training_writes_the_curve(tmp_path):
+    """eval.every: the EMA is evaluated on every split while training, the online weights beside
+    it at the end, each line in eval_log.jsonl; train metrics in train_log.jsonl."""
+    import json
+
+    cfg = tiny_config(num_steps=4)
+    cfg.eval.num_examples, cfg.eval.batch_size, cfg.eval.steps, cfg.eval.every = 4, 4, (1,), 2
+    cfg.data.embedded.eval_crops_per_image, cfg.data.embedded.procedural_eval = 1, 4
+    cfg.data.embedded.natural_repeats, cfg.data.embedded.procedural_train = 1, 4
+    results = train.train_and_evaluate(cfg, str(tmp_path))
+    lines = [json.loads(l) for l in open(tmp_path / "eval_log.jsonl")]
+    assert [(l["step"], l["split"], l["weights"]) for l in lines] == [
+        (2, "eval", "ema"), (2, "eval_procedural", "ema"),
+        (4, "eval", "ema"), (4, "eval_procedural", "ema"), (4, "eval", "online")]
+    assert results["samplers"]["codi"]["1"] == lines[2]["samplers"]["codi"]["1"]
+    assert set(results["splits"]) == {"eval_procedural"} and "online" in results
+    assert "condition" in results  # SR's trivial baseline: the bicubic-upsampled input
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "train_log.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    for name in ("eval_samples.png", "eval_online_samples.png", "eval_procedural_samples.png"):
+        assert (tmp_path / name).exists()

@@ -18,6 +18,8 @@ def _sr_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.scale = 4  # target side / low-resolution side
+    # realesrgan (the chain below) | bicubic (a clean antialiased downscale, the classic benchmark)
+    c.degradation = "realesrgan"
     # Blur kernels: odd sizes from 7 to 21, drawn uniformly; one kernel family per draw.
     c.kernel_range = (7, 21)
     c.kernel_list = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")

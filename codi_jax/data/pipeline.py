@@ -148,21 +148,22 @@ class ExampleLoader:
             raise sources.BadExample("too_small", f"{self.source.where(r)}: {h}x{w} < crop {s}")
         aug = self.cfg.augment
         rng = np.random.default_rng([self.seed, global_index]) if self.training else None
-        if self.training and tuple(aug.scale_range) != (1.0, 1.0):
-            # Drawn first and always, so the crop position below does not depend on the outcome.
-            f = rng.uniform(*aug.scale_range)
-            if min(h, w) * f >= s:
-                h, w = max(s, round(h * f)), max(s, round(w * f))
-                image = _resize(image, (h, w), False)
-                extra = None if extra is None else _resize(extra, (h, w), self.task.extra == "depth")
+        # Scale jitter: shrinking the picture by f and cropping s pixels equals cropping a window
+        # of s / f pixels and shrinking that to s, which costs a crop's resize, not a picture's.
+        # f is drawn first and always, so the other draws do not depend on it.
+        f = rng.uniform(*aug.scale_range) if self.training and tuple(aug.scale_range) != (1.0, 1.0) else 1.0
+        window = min(round(s / f), h, w)
         if self.training:
-            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            y, x = int(rng.integers(0, h - window + 1)), int(rng.integers(0, w - window + 1))
             flip = self.cfg.random_flip and rng.random() < 0.5
         else:
             y, x, flip = (h - s) // 2, (w - s) // 2, False
-        image = image[y : y + s, x : x + s]
+        image = image[y : y + window, x : x + window]
         if extra is not None:
-            extra = extra[y : y + s, x : x + s]
+            extra = extra[y : y + window, x : x + window]
+        if window != s:
+            image = _resize(image, (s, s), False)
+            extra = None if extra is None else _resize(extra, (s, s), self.task.extra == "depth")
         if flip:
             image = image[:, ::-1]
             extra = None if extra is None else extra[:, ::-1]

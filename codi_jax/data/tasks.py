@@ -29,9 +29,17 @@ def _gray_to(cond01: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def sr(key: tf.Tensor, image: tf.Tensor, extra: tf.Tensor, cfg: ml_collections.ConfigDict) -> tuple[tf.Tensor, tf.Tensor]:
-    """Condition = the Real-ESRGAN-degraded LR image, resized back (bicubic) to the target size."""
+    """Condition = the degraded LR image (Real-ESRGAN's chain, or a clean antialiased bicubic
+    downscale with ``sr.degradation="bicubic"``), resized back (bicubic) to the target size."""
     del extra
-    lr = realesrgan_degrade(key, image, cfg.sr)
+    if cfg.sr.degradation == "bicubic":
+        side = tf.shape(image)[:2] // cfg.sr.scale
+        lr = tf.clip_by_value(tf.image.resize(image, side, "bicubic", antialias=True), 0.0, 1.0)
+    elif cfg.sr.degradation == "realesrgan":
+        lr = realesrgan_degrade(key, image, cfg.sr)
+    else:
+        raise ValueError(f"data.sr.degradation: unknown value {cfg.sr.degradation!r}; known: "
+                         "['realesrgan', 'bicubic']")
     cond = ops.resize_bicubic(lr, tf.shape(image)[:2])
     return ops.to_signed(image), ops.to_signed(cond)
 
