@@ -9,7 +9,7 @@ Presets (``--config=configs/edit.py:<preset>``):
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/edit.py
   --workdir=runs/edit`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
-  MEASURED
+  Not yet measured on this teacher.
 * ``pe`` — the same with PE-CoDi (ControlNet adapter, UNet frozen); ``minimal`` — tens of steps (tests).
 * ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 recipes (see configs/sr.py for the
   defaults and where they come from); bring data with ``--config.data.source=folder:<path>`` or

@@ -2,20 +2,27 @@
 
 Presets (``--config=configs/sr.py:<preset>``):
 
-* (none) — the embedded tiny setup: the pixel-space demo teacher shipped in the package
-  (``codi_jax/assets/demo_teacher``) distilled with full CoDi on 32x32 crops of the embedded demo
-  images. ``python -m codi_jax.main --config=configs/sr.py --workdir=runs/sr`` (600 steps,
-  batch 16) took 15 minutes on a 2-core CPU shared with other jobs (load average ≈ 10; 0.6-1.1
-  steps/s), so expect well under 10 on an idle one. It writes checkpoints, TensorBoard events,
-  ``eval.json``, ``eval_samples.png`` and ``export/``. Measured on the 64 held-out crops
-  (PSNR dB / SSIM): 1 step 21.0 / 0.43, 2 steps 19.8 / 0.36, 4 steps 18.5 / 0.23, 8 steps
-  17.3 / 0.16; the bicubic-upsampled input itself scores 22.1 / 0.46. μ reaches 0.12: in this
-  short run the student follows the condition's colours and layout at 1 step and adds texture
-  (and noise) with more steps — a ten-minute CPU run, not the paper's result.
+* (none) — the embedded setup: the miniature Stable Diffusion shipped in the package
+  (``codi_jax/assets/mini_sd``: KL autoencoder + latent UNet, see its README) distilled with full
+  CoDi on 64x64 crops (16x16x4 latents; the condition is the VAE latent of the bicubic-upsampled
+  Real-ESRGAN-degraded input) of the embedded pictures, 400 steps at batch 16, one t per example.
+  ``python -m codi_jax.main --config=configs/sr.py --workdir=runs/sr`` writes checkpoints,
+  TensorBoard events, ``train_log.jsonl`` (μ's trajectory included), ``eval.json`` (the held-out
+  pictures), ``eval_procedural.json``, ``eval_online.json``, the sample grids and ``export/``.
+  Measured (commit 31f4030, a 2-core CPU shared with test runs: 0.5 steps/s, about 20 minutes
+  with the evaluation, so not yet the 10 minutes asked for; an idle machine is faster), on 64
+  crops of the four held-out pictures, PSNR dB / SSIM / gradient energy ×10³ (the original's 4.20):
+  1 step 20.86 / 0.471 / 0.17, 2 steps 20.66 / 0.434 / 0.25, 4 steps 19.18 / 0.318 / 0.65,
+  8 steps 17.59 / 0.219 / 1.54; bicubic upsampling of the same inputs 22.75 / 0.518 / 0.17. On
+  the held-out procedural pictures: 1 step 16.21, bicubic 17.19. μ rises to 0.21 (0.12 by step
+  50, flat from step 300). So this budget does not beat bicubic yet: the 1-step output follows
+  the input's colours and coarse layout but is blurrier than it, and 4-8 steps add the prior's
+  dead-leaves texture (sharper than bicubic, 3.6 dB below it).
 * ``minimal`` — the same with tens of steps and a small eval (the end-to-end test; ~1 minute).
 * ``pe`` — the embedded setup with PE-CoDi (ControlNet adapter, UNet frozen).
 * ``finetune`` — the baselines' conditional teacher: the same adapted model trained with the
-  standard diffusion loss (EMA 0.99), evaluated with DDIM and DPM-Solver++ at 1-200 steps.
+  standard diffusion loss, evaluated (its evaluation EMA, like every objective) with DDIM and
+  DPM-Solver++ at 1-200 steps.
 * ``cm`` / ``gd`` — consistency distillation / progressive distillation (rounds 32 → 16 → 8 → 4
   steps) of that teacher: add ``--config.model.conditional_teacher=<finetune workdir>/export``.
   ``python -m codi_jax.experiments`` runs all of them with CoDi's ablations; see docs/results.md.
