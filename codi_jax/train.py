@@ -488,8 +488,6 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """``mode=eval``: evaluates the latest checkpoint of ``workdir``."""
-    from codi_jax import evaluate
-
     s = setup(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
     restored = restore_latest(checkpoint_manager(workdir, cfg), s.abstract_state())
     if restored is None:

@@ -223,7 +223,7 @@ def test_evaluation_during_training_writes_the_curve(tmp_path):
     import json
 
     cfg = tiny_config(num_steps=4)
-    cfg.eval.num_examples, cfg.eval.batch_size, cfg.eval.steps, cfg.eval.every = 4, 4, (1,), 2
+    cfg.eval.num_examples, cfg.eval.batch_size, cfg.eval.steps, cfg.eval.every = 8, 8, (1,), 2
     cfg.data.embedded.eval_crops_per_image, cfg.data.embedded.procedural_eval = 1, 4
     cfg.data.embedded.natural_repeats, cfg.data.embedded.procedural_train = 1, 4
     results = train.train_and_evaluate(cfg, str(tmp_path))
