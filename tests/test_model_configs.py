@@ -7,8 +7,8 @@ import pytest
 
 from codi_jax import models
 
-# What diffusers/transformers report for the real checkpoints (DESIGN.md, "Numbers worth knowing";
-# SD 2.1's text encoder is OpenCLIP ViT-H/14's text tower with its last layer dropped).
+# What diffusers/transformers report for the real checkpoints (the parameter counts of
+# the published checkpoints; SD 2.1's text encoder is OpenCLIP ViT-H/14's text tower with its last layer dropped).
 EXPECTED = {
     ("sd15", "unet"): 859_520_964,
     ("sd15", "controlnet"): 361_279_120,

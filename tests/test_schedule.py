@@ -12,7 +12,7 @@ from codi_jax import diffusion
 def test_scaled_linear_matches_diffusers_recorded_values():
     sched = diffusion.get_schedule("scaled_linear")
     assert sched.alphas_cumprod.shape == (1000,)
-    # diffusers DDPMScheduler(beta_schedule="scaled_linear", 0.00085 → 0.012), DESIGN.md.
+    # diffusers DDPMScheduler(beta_schedule="scaled_linear", 0.00085 → 0.012).
     np.testing.assert_allclose(sched.alphas_cumprod[[0, 499, 999]], [0.99915, 0.27767, 0.00466],
                                atol=5e-6)
 

@@ -1,5 +1,5 @@
-"""Guided / progressive distillation (GD): Meng et al. 2023 (papers/guided-distillation-paper.txt
-§3) on top of Salimans & Ho 2022 (progressive distillation, their Alg. 2).
+"""Guided / progressive distillation (GD): Meng et al. 2023, "On Distillation of Guided Diffusion
+Models" (arXiv:2210.03142) §3, on top of Salimans & Ho 2022 (progressive distillation, their Alg. 2).
 
 Stage one (``make_guided_stage_one_loss``, Meng eq. 3) distils a classifier-free-guided teacher,
 x̂^w = (1 + w) x̂_c − w x̂_∅, into one model that takes the guidance weight w as an input, for

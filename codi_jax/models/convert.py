@@ -1,6 +1,6 @@
 """PyTorch state dict <-> Flax parameter tree: a rename plus a transpose, nothing else.
 
-Naming rule (see DESIGN.md, "Parameters"): the Flax path mirrors the PyTorch key, with list indices
+Naming rule (MaxDiffusion's convention): the Flax path mirrors the PyTorch key, with list indices
 joined to the preceding name by ``_`` (``down_blocks.0`` -> ``down_blocks_0``, ``to_out.0`` ->
 ``to_out_0``) and the leaf renamed by kind (``weight`` -> ``kernel`` for Dense/Conv, ``scale`` for
 LayerNorm/GroupNorm, ``embedding`` for ``nn.Embed``).
