@@ -233,6 +233,7 @@ def worker(name: str, steps: int, warmup: int, teacher: bool, teacher_time: bool
         updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
         p = optax.apply_updates(state["params"], updates)
         new = {"step": state["step"] + 1, "params": p, "target": ema_update(state["target"], p, decay),
+               "round_teacher": state["round_teacher"],
                "ema": ema_update(state["ema"], p, cfg.train.eval_ema_decay), "opt_state": opt_state}
         grad_norm = optax.global_norm(grads)
         new = jax.tree.map(lambda n, o: jnp.where(jnp.isfinite(grad_norm), n, o), new, state)

@@ -25,15 +25,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
 from codi_jax import models, sharding
 from codi_jax.distill import ema_update
 from codi_jax.models.vae import AutoencoderKL
-from codi_jax.train import (PreemptionFlag, append_jsonl, checkpoint_manager, evaluation_decay,
-                            make_optimizer, restore_latest)
+from codi_jax.train import (Preempted, PreemptionFlag, append_jsonl, check_resumable, checkpoint_manager,
+                            evaluation_decay, make_optimizer, restore_latest, save_checkpoint,
+                            stored_config)
 
 
 def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
@@ -134,8 +134,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "ema": p, "opt_state": tx.init(p)}
     state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh, cfg.mesh.min_shard_size)
     state = jax.jit(init, out_shardings=state_sh)(params)
+    previous = stored_config(workdir)
+    if previous is not None:
+        check_resumable(previous, cfg)
     mgr = checkpoint_manager(workdir, cfg)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     restored = restore_latest(mgr, abstract)
     if restored is not None:
         state = restored
@@ -173,14 +176,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
                 append_jsonl(workdir, "train_log.jsonl", {"step": done, **scalars})
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
-                mgr.save(done, args=ocp.args.StandardSave(state))
+                save_checkpoint(mgr, done, state, cfg)
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.num_steps:
                 log_eval(done)
             if preempted.is_set():
-                mgr.save(done, args=ocp.args.StandardSave(state), force=True)
+                save_checkpoint(mgr, done, state, cfg, force=True)
                 mgr.wait_until_finished()
                 logging.warning("SIGTERM: saved step %d and stopped", done)
-                return {"preempted_at": done}
+                raise Preempted(done)
     finally:
         mgr.wait_until_finished()
         preempted.restore()

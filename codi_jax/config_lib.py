@@ -1,16 +1,22 @@
 """Building blocks of the ``configs/*.py`` files: every trainer option with its default.
 
 The config files under ``configs/`` call these and set what their recipe changes; the docstring of
-each says where a default comes from. Kept free of JAX/TensorFlow imports so configs load fast.
+each says where a default comes from. The objectives' sections are built from their config
+dataclasses, so every default is stated once.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import os
+from typing import Any, Callable
 
 import ml_collections
+from flax import traverse_util
 
 from codi_jax.data.config import default_config as data_default_config
+from codi_jax.distill import CMLossConfig, CoDiLossConfig, ProgressiveLossConfig
 
 # The pixel-space teacher shipped inside the package (configs/pretrain.py:pixel on the demo
 # crops); kept for tests and as the pixel-space example.
@@ -78,59 +84,67 @@ def embedded_path(name: str) -> str:
     return os.path.join(os.path.dirname(__file__), "assets", name)
 
 
+def switches_config(switches: Any) -> ml_collections.ConfigDict:
+    """A config section holding every field of an objective's config dataclass (``Switches``)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(switches))
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The ``model`` section of every config: which teacher, how it is adapted and computed. Also
+    what ``export.load_exported`` builds a saved model from."""
+    m = ml_collections.ConfigDict()
+    m.pretrained = EMBEDDED_TEACHER  # diffusers pipeline folder, hub id or embedded:<name>
+    m.unet_config = ml_collections.ConfigDict(MINI_UNET)  # used when pretrained is ""
+    # A VAE (folder or embedded:<name>) for a teacher built from unet_config (pretrained ""):
+    # latent pretraining. With pretrained set, the pipeline's own vae/ is used.
+    m.vae = ""
+    m.vae_config = ml_collections.ConfigDict(MINI_VAE)  # objective "autoencoder"
+    m.init = "pretrained"           # pretrained | random (the §5.1 "random init" ablation)
+    m.adapter = "cond_encoder"      # cond_encoder (full CoDi) | controlnet (PE-CoDi) | none
+    m.trainable = "all"             # all (CoDi) | adapter (PE-CoDi: UNet frozen)
+    m.per_level_mu = False          # one μ (eq. 10) per blend point instead of one global μ
+    # 1: μ is the paper's learned constant; K > 1: μ(t) piecewise linear on K knots over t ∈ [0, 1]
+    # (see models/adapters.py: a constant μ must trade low noise against t ≈ 1).
+    m.mu_knots = 1
+    # How the condition enters a latent model: "latent" (VAE-encoded, same size as z_t) or "pixel"
+    # (a learned hint stem downsamples the image, as ControlNet does). Pixel-space models: "latent".
+    m.cond_input = "latent"
+    m.hint_channels = (16, 32, 96, 256)  # hint stem of cond_input="pixel" (ControlNet's)
+    m.prediction_type = ""          # "" = from the teacher's scheduler config
+    m.schedule = "scaled_linear"    # used when the teacher has no scheduler config
+    m.dtype = "float32"             # compute dtype; params stay float32 (bfloat16 on TPU)
+    m.remat = ""                    # "" = off, else a jax.checkpoint_policies name
+    m.attention = ""                # "" = XLA default, "cudnn" on GPUs
+    m.prompt = ""                   # text-to-image teachers: prompt for every example
+    m.text_layer = "last"           # last | penultimate (SD 2.x)
+    # cm | gd: the export/ folder of a conditional teacher fine-tuned with objective=diffusion
+    # (the `finetune` preset). The student starts from it; model.pretrained is then unused.
+    m.conditional_teacher = ""
+    return m
+
+
 def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     """Defaults shared by every recipe: the embedded tiny CoDi distillation on the demo data."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train"            # train | eval
+    c.mode = "train"            # train | eval | export (see main.py)
     # codi (Algorithm 1) | diffusion (pretrain / fine-tune teachers) | cm | gd (the baselines,
     # distilled from a fine-tuned conditional teacher, model.conditional_teacher) | autoencoder
     # (pretrain the VAE of model.vae_config, see codi_jax/autoencoder.py)
     c.objective = "codi"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.pretrained = EMBEDDED_TEACHER  # diffusers pipeline folder, hub id or embedded:<name>
-    c.model.unet_config = ml_collections.ConfigDict(MINI_UNET)  # used when pretrained is ""
-    # A VAE (folder or embedded:<name>) for a teacher built from unet_config (pretrained ""):
-    # latent pretraining. With pretrained set, the pipeline's own vae/ is used.
-    c.model.vae = ""
-    c.model.vae_config = ml_collections.ConfigDict(MINI_VAE)  # objective "autoencoder"
-    c.model.init = "pretrained"           # pretrained | random (the §5.1 "random init" ablation)
-    c.model.adapter = "cond_encoder"      # cond_encoder (full CoDi) | controlnet (PE-CoDi) | none
-    c.model.trainable = "all"             # all (CoDi) | adapter (PE-CoDi: UNet frozen)
-    c.model.per_level_mu = False
-    # How the condition enters a latent model: "latent" (VAE-encoded, same size as z_t) or "pixel"
-    # (a learned hint stem downsamples the image, as ControlNet does). Pixel-space models: "latent".
-    c.model.cond_input = "latent"
-    c.model.hint_channels = (16, 32, 96, 256)  # hint stem of cond_input="pixel" (ControlNet's)
-    c.model.prediction_type = ""          # "" = from the teacher's scheduler config
-    c.model.schedule = "scaled_linear"    # used when the teacher has no scheduler config
-    c.model.dtype = "float32"             # compute dtype; params stay float32 (bfloat16 on TPU)
-    c.model.remat = ""                    # "" = off, else a jax.checkpoint_policies name
-    c.model.attention = ""                # "" = XLA default, "cudnn" on GPUs
-    c.model.prompt = ""                   # text-to-image teachers: prompt for every example
-    c.model.text_layer = "last"           # last | penultimate (SD 2.x)
-    # cm | gd: the export/ folder of a conditional teacher fine-tuned with objective=diffusion
-    # (the `finetune` preset). The student starts from it; model.pretrained is then unused.
-    c.model.conditional_teacher = ""
+    c.model = model_config()
 
-    # The embedded runs draw t per example: a few hundred steps with one t per batch would visit
-    # each of the 20 grid levels (t = 1, the 1-step sampler's, included) some 20 times. The SD
-    # presets keep the paper's single t per batch; §5.1's ablation compares the two.
-    c.distill = ml_collections.ConfigDict(dict(
-        grid=20, timestep_sampling="sample", predictor="prev", consistency_space="eps",
-        distance="l2", huber_c=1e-3, snr_weighting="none", snr_gamma=5.0,
-        boundary_scalings=False, boundary_sigma_data=0.5, boundary_timestep_scaling=10.0,
-        cg_weight=1.0, cg_distance="latent_l2"))
-
-    # Consistency distillation (distill/consistency.py): Song et al. 2023's defaults, CoDi's grid.
-    c.cm = ml_collections.ConfigDict(dict(
-        grid=20, timestep_sampling="sample", distance="l2", huber_c=1e-3, weighting="uniform",
-        boundary_sigma_data=0.5, boundary_timestep_scaling=10.0))
-    # Progressive distillation (distill/progressive.py): rounds teacher_steps → /2 → … →
-    # target_steps, train.num_steps split evenly over the rounds.
-    c.gd = ml_collections.ConfigDict(dict(
-        teacher_steps=32, target_steps=4, timestep_sampling="sample", weighting="truncated_snr"))
+    # The objectives' switches: the defaults of their config dataclasses (the paper's and the
+    # baselines' choices, documented there). The embedded runs draw t per example: a few hundred
+    # steps with one t per batch would visit each of the 20 grid levels (t = 1, the 1-step
+    # sampler's, included) some 20 times. The SD presets keep the paper's single t per batch;
+    # §5.1's ablation compares the two.
+    c.distill = switches_config(CoDiLossConfig(timestep_sampling="sample"))
+    c.cm = switches_config(CMLossConfig())            # consistency distillation (Song et al. 2023)
+    # Progressive distillation: rounds teacher_steps → /2 → … → target_steps, train.num_steps
+    # split evenly over the rounds.
+    c.gd = switches_config(ProgressiveLossConfig())
 
     c.data = data_default_config(task)
     # The embedded pictures, held out by picture, with the augmentations that keep a small set
@@ -179,7 +193,7 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.num_examples = 64
     c.eval.grid_examples = 8
-    c.eval.samplers = ("codi",)           # codi | ddim | dpmpp | cm | stochastic, see evaluate.py
+    c.eval.samplers = ("codi",)           # codi | ddim | dpmpp | cm | stochastic, see sampling.py
     # Distribution metrics over the whole eval set: multi-scale SWD (no network needed) always;
     # FID / LPIPS only with the user's weight files (see codi_jax/metrics), else "not computed".
     c.eval.swd = True
@@ -203,6 +217,9 @@ def make_minimal(c: ml_collections.ConfigDict, num_steps: int = 30) -> ml_collec
     c.eval.num_examples = 8
     c.eval.batch_size = 8
     c.eval.grid_examples = 4
+    # One compile per step count dominates a small run's evaluation: the 1-step and a multi-step
+    # sampler are enough to exercise it.
+    c.eval.steps = (1, 4)
     c.data.embedded.natural_repeats = 2
     c.data.embedded.procedural_train = 16
     c.data.embedded.eval_crops_per_image = 2
@@ -210,42 +227,103 @@ def make_minimal(c: ml_collections.ConfigDict, num_steps: int = 30) -> ml_collec
     return c
 
 
-PRESETS = ("minimal", "pe", "finetune", "cm", "gd", "sd15", "sd21")
+def _pe(c: ml_collections.ConfigDict) -> None:
+    c.model.adapter = "controlnet"
+    c.model.trainable = "adapter"
+
+
+def _finetune(c: ml_collections.ConfigDict) -> None:
+    c.objective = "diffusion"
+    c.eval.samplers = ("ddim", "dpmpp")
+    c.eval.steps = (1, 2, 4, 8, 50, 200)
+
+
+def _cm(c: ml_collections.ConfigDict) -> None:
+    c.objective = "cm"
+    c.eval.samplers = ("cm",)
+
+
+def _gd(c: ml_collections.ConfigDict) -> None:
+    c.objective = "gd"
+    # The deterministic (DDIM) and the stochastic N-step sampler of Meng et al. §3.3.
+    c.eval.samplers = ("ddim", "stochastic")
+
+
+# Every preset, in the order they are applied whatever the order they are named in: the model
+# recipe, then the method, then the run size (so ``minimal`` shrinks whatever came before).
+PRESETS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
+    "sd15": lambda c: apply_stable_diffusion(c, "sd15"),
+    "sd21": lambda c: apply_stable_diffusion(c, "sd21"),
+    "pe": _pe,
+    "finetune": _finetune,
+    "cm": _cm,
+    "gd": _gd,
+    "minimal": make_minimal,
+}
+# Presets that set the same thing: at most one of each group.
+EXCLUSIVE_PRESETS = (("sd15", "sd21"), ("finetune", "cm", "gd"))
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits at the commas outside brackets, so ``eval.steps=(1,4)`` stays one item."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
+def parse_arg(arg: str | None) -> tuple[list[str], dict[str, Any]]:
+    """``"sd15,pe,train.lr=1e-5"`` → (presets in application order, {dotted key: value}).
+
+    Values are Python literals where they parse as one (numbers, booleans, tuples), else strings.
+    """
+    presets, overrides = [], {}
+    for item in filter(None, (part.strip() for part in _split_top_level(arg or ""))):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            try:
+                overrides[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                overrides[key.strip()] = value.strip()
+        elif item in PRESETS:
+            presets.append(item)
+        else:
+            raise ValueError(f"config: unknown preset {item!r}; known: {list(PRESETS)} (or key=value)")
+    for group in EXCLUSIVE_PRESETS:
+        chosen = [p for p in group if p in presets]
+        if len(chosen) > 1:
+            raise ValueError(f"config: presets {chosen} exclude each other; pick one of {list(group)}")
+    return sorted(set(presets), key=list(PRESETS).index), overrides
 
 
 def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The embedded CoDi setup of ``task``, or one of its ``PRESETS``: ``minimal`` (tens of steps
-    and a small eval: the end-to-end test), ``pe`` (PE-CoDi: ControlNet adapter, UNet frozen),
-    ``finetune`` (the baselines' conditional teacher: the adapted model trained with the diffusion
-    loss, sampled with DDIM / DPM-Solver++ up to 200 steps), ``cm`` / ``gd`` (consistency /
-    progressive distillation of that teacher: pass ``--config.model.conditional_teacher=<its
-    workdir>/export``), ``sd15`` / ``sd21`` (Stable Diffusion recipes)."""
+    """The embedded CoDi setup of ``task`` with the presets and overrides of ``arg``
+    (``configs/<task>.py:<arg>``; comma-separated, e.g. ``sd15,pe`` or ``finetune,minimal``):
+
+    * ``sd15`` / ``sd21`` — the Stable Diffusion recipes (``apply_stable_diffusion``);
+    * ``pe`` — PE-CoDi: ControlNet adapter, UNet frozen;
+    * ``finetune`` — the baselines' conditional teacher: the adapted model trained with the
+      diffusion loss, sampled with DDIM / DPM-Solver++ up to 200 steps;
+    * ``cm`` / ``gd`` — consistency / progressive distillation of that teacher (pass
+      ``--config.model.conditional_teacher=<its workdir>/export``);
+    * ``minimal`` — tens of steps and a small eval (the end-to-end tests);
+    * ``key=value`` — any config field (``train.lr=1e-5``), applied after the presets.
+    """
     c = base_config(task)
-    if arg in (None, ""):
-        return c
-    if arg == "minimal":
-        return make_minimal(c)
-    if arg == "pe":
-        c.model.adapter = "controlnet"
-        c.model.trainable = "adapter"
-        return c
-    if arg == "finetune":
-        c.objective = "diffusion"
-        c.eval.samplers = ("ddim", "dpmpp")
-        c.eval.steps = (1, 2, 4, 8, 50, 200)
-        return c
-    if arg == "cm":
-        c.objective = "cm"
-        c.eval.samplers = ("cm",)
-        return c
-    if arg == "gd":
-        c.objective = "gd"
-        # The deterministic (DDIM) and the stochastic N-step sampler of Meng et al. §3.3.
-        c.eval.samplers = ("ddim", "stochastic")
-        return c
-    if arg not in PRESETS:
-        raise ValueError(f"config: unknown preset {arg!r}; known: {list(PRESETS)}")
-    return apply_stable_diffusion(c, arg)
+    presets, overrides = parse_arg(arg)
+    for name in presets:
+        PRESETS[name](c)
+    flat = set(traverse_util.flatten_dict(c.to_dict(), sep="."))
+    unknown = sorted(k for k in overrides if k not in flat)
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown} in {arg!r}")
+    c.update_from_flattened_dict(overrides)
+    return c
 
 
 def apply_stable_diffusion(c: ml_collections.ConfigDict, version: str) -> ml_collections.ConfigDict:

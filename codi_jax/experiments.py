@@ -1,7 +1,7 @@
 """The small-scale reproduction of the paper's comparisons (Table 1, Figs. 3 and 5) on this code.
 
 ``python -m codi_jax.experiments --workdir=runs/reproduce`` trains every variant below on the
-embedded data (the shipped pixel-space teacher, SR ×4), with the same seed, data order, batch and
+embedded data (the embedded teacher, ``config_lib.EMBEDDED_TEACHER``, SR ×4), with the same seed, data order, batch and
 step budget for every method, evaluates them all the same way (``evaluate.run``: PSNR, SSIM and
 multi-scale SWD at 1/2/4/8 steps; FID / LPIPS with ``--fid_weights`` / ``--lpips_weights``), and
 writes ``docs/results.md`` plus Fig.-5-style plots. Variants already evaluated in the workdir are
@@ -72,18 +72,16 @@ def variant_config(v: Variant, workdir: str, *, smoke: bool = False, fid_weights
     # The reproduction follows the paper (one t per batch; the embedded demo draws one per
     # example), so the `sample_t` ablation keeps its meaning.
     cfg.distill.timestep_sampling = "batch"
-    for key, value in v.overrides.items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(v.overrides)
     if v.teacher:
         cfg.model.conditional_teacher = os.path.join(workdir, v.teacher, "export")
     cfg.eval.fid_weights, cfg.eval.lpips_weights = fid_weights, lpips_weights
     cfg.eval.num_examples = 64
     if smoke:
         config_lib.make_minimal(cfg, SMOKE_STEPS)
+        # The smoke run checks the pipeline (every variant, the report), not the models: the small
+        # pixel-space demo teacher compiles in a fraction of the miniature Stable Diffusion's time.
+        cfg.model.pretrained = config_lib.DEMO_TEACHER
         cfg.train.warmup_steps = 1
         cfg.train.checkpoint_every = SMOKE_STEPS
         cfg.gd.teacher_steps = 16
@@ -94,6 +92,15 @@ def variant_config(v: Variant, workdir: str, *, smoke: bool = False, fid_weights
     else:
         cfg.train.num_steps = int(STEPS * v.budget)
     return cfg
+
+
+def run_setup(cfg: ml_collections.ConfigDict) -> dict:
+    """The settings a report states about a run (read from its config, never retyped)."""
+    return {"teacher": cfg.model.pretrained, "image_size": cfg.data.image_size,
+            "batch_size": cfg.train.batch_size, "seed": cfg.seed, "source": cfg.data.source,
+            "degradation": cfg.data.sr.degradation, "eval_examples": cfg.eval.num_examples,
+            "eval_splits": list(cfg.eval.splits) or [cfg.data.eval_split],
+            "gd_steps": [cfg.gd.teacher_steps, cfg.gd.target_steps]}
 
 
 def run_variant(v: Variant, workdir: str, **kwargs: Any) -> dict:
@@ -107,12 +114,13 @@ def run_variant(v: Variant, workdir: str, **kwargs: Any) -> dict:
             return json.load(f)
     cfg = variant_config(v, workdir, **kwargs)
     start = time.time()
-    results = train.train_and_evaluate(cfg, out)
-    if "preempted_at" in results:
+    try:
+        results = train.train_and_evaluate(cfg, out)
+    except train.Preempted as stop:
         # SIGTERM: the checkpoint is saved; stop everything, the next invocation resumes here.
-        raise SystemExit(f"{v.name}: preempted at step {results['preempted_at']}; rerun to resume")
+        raise SystemExit(f"{v.name}: preempted at step {stop.step}; rerun to resume") from None
     summary = {"name": v.name, "label": v.label, "train_steps": cfg.train.num_steps,
-               "wall_time_s": time.time() - start, "results": results}
+               "wall_time_s": time.time() - start, "results": results, "setup": run_setup(cfg)}
     with open(summary_path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(summary_path + ".tmp", summary_path)  # a summary is there only when complete

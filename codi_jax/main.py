@@ -1,7 +1,10 @@
 """Entry point: ``python -m codi_jax.main --config=configs/sr.py --workdir=runs/sr``.
 
-Overrides: ``--config.train.lr=1e-5``; unknown keys are errors. ``--config.mode=eval`` evaluates
-the latest checkpoint of the workdir instead of training.
+Overrides: ``--config.train.lr=1e-5``; unknown keys are errors. Every checkpoint carries its
+config, so a workdir alone is enough to go on: ``python -m codi_jax.main --workdir=runs/sr``
+resumes, ``--mode=eval`` evaluates the newest checkpoint, ``--mode=export`` writes its evaluation
+EMA to ``runs/sr/export``. A resume whose config changes what the checkpoint is (the model, the
+objective, the data; ``train.RESUME_KEYS``) is refused with the differing keys.
 """
 
 from __future__ import annotations
@@ -9,14 +12,17 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/<task>.py file (':<preset>' picks a preset).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Path to a configs/<task>.py file (':<preset>,<preset>,key=value' "
+                                "picks presets). Without it, the config saved with the workdir's newest "
+                                "checkpoint.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples and the export go.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0 "
                     "(else $JAX_COORDINATOR_ADDRESS; TPU pods and SLURM are detected).")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes (else $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (else $JAX_PROCESS_ID).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum("mode", None, ["train", "eval", "export"], "Overrides the config's mode: train "
+                  "(resumes), eval (the newest checkpoint), export (its evaluation EMA to <workdir>/export).")
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -30,20 +36,32 @@ def main(argv):
 
     from codi_jax import train
 
-    cfg = FLAGS.config
+    cfg = FLAGS.config or train.stored_config(FLAGS.workdir)
+    if cfg is None:
+        raise app.UsageError(f"--config is needed: {FLAGS.workdir} has no checkpoint with a saved config")
+    if FLAGS.mode:
+        cfg.mode = FLAGS.mode
     logging.info("config:\n%s", cfg)
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
                  jax.process_count())
-    if cfg.mode == "train" and cfg.objective == "autoencoder":
-        from codi_jax import autoencoder
+    if cfg.mode not in ("train", "eval", "export"):
+        raise ValueError(f"mode: unknown value {cfg.mode!r}; known: ['train', 'eval', 'export']")
+    if cfg.mode == "export" and cfg.objective == "autoencoder":
+        raise ValueError("mode=export: an autoencoder run exports its VAE when it ends (rerun mode=train)")
+    try:
+        if cfg.mode == "eval":
+            train.evaluate_checkpoint(cfg, FLAGS.workdir)
+        elif cfg.mode == "export":
+            logging.info("exported %s", train.export_checkpoint(cfg, FLAGS.workdir))
+        elif cfg.objective == "autoencoder":
+            from codi_jax import autoencoder
 
-        autoencoder.train_and_evaluate(cfg, FLAGS.workdir)
-    elif cfg.mode == "train":
-        train.train_and_evaluate(cfg, FLAGS.workdir)
-    elif cfg.mode == "eval":
-        train.evaluate_checkpoint(cfg, FLAGS.workdir)
-    else:
-        raise ValueError(f"mode: unknown value {cfg.mode!r}; known: ['train', 'eval']")
+            autoencoder.train_and_evaluate(cfg, FLAGS.workdir)
+        else:
+            train.train_and_evaluate(cfg, FLAGS.workdir)
+    except train.Preempted as stop:
+        # A clean stop (exit status 0): the scheduler restarts the same command, which resumes.
+        logging.warning("%s", stop)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ class Teacher:
         return self.vae is not None
 
 
-def load_teacher(cfg: ml_collections.ConfigDict, rng: Array) -> Teacher:
-    """Loads (or, with ``model.pretrained=""``, randomly initialises) the teacher of ``cfg``."""
-    m = cfg.model
+def load_teacher(m: ml_collections.ConfigDict, rng: Array) -> Teacher:
+    """Loads (or, with ``pretrained=""``, randomly initialises) the teacher of the model config
+    ``m`` (a config's ``model`` section, ``config_lib.model_config``)."""
     if not m.pretrained:
         unet_config = m.unet_config.to_dict()
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -106,9 +106,8 @@ def load_teacher(cfg: ml_collections.ConfigDict, rng: Array) -> Teacher:
     return teacher
 
 
-def adapted_config(cfg: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int) -> dict:
-    """The ``ConditionedUNet`` config for the data's condition and ``cfg.model`` switches."""
-    m = cfg.model
+def adapted_config(m: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int) -> dict:
+    """The ``ConditionedUNet`` config for the data's condition and the model config's switches."""
     if m.cond_input not in ("latent", "pixel"):
         raise ValueError(f"model.cond_input: unknown value {m.cond_input!r}; known: ['latent', 'pixel']")
     latent_cond = teacher.latent and m.cond_input == "latent"
@@ -123,11 +122,12 @@ def adapted_config(cfg: ml_collections.ConfigDict, teacher: Teacher, cond_channe
         "cond_embedding_channels": (tuple(m.hint_channels) if teacher.latent and not latent_cond
                                     else None),
         "per_level_mu": m.per_level_mu,
+        "mu_knots": m.mu_knots,
     }
 
 
-def module_options(cfg: ml_collections.ConfigDict) -> dict:
-    return {"remat": cfg.model.remat or None, "attention_implementation": cfg.model.attention or None}
+def module_options(m: ml_collections.ConfigDict) -> dict:
+    return {"remat": m.remat or None, "attention_implementation": m.attention or None}
 
 
 @dataclasses.dataclass
@@ -138,6 +138,7 @@ class Student:
     config: dict
     teacher: Teacher
     text_layer: str = "last"
+    prompt: str = ""  # text-to-image teachers: the prompt of every example without its own text
 
     def model_fn(self, params: Any, z: Array, model_time: Array, cond: Any, context: Any) -> Array:
         return self.module.apply({"params": params}, z, model_time, cond, context)
@@ -191,21 +192,32 @@ class Student:
                "context": self.context(aux, batch.get("text"))}
         return jax.lax.stop_gradient(out)
 
+    def with_prompt(self, batch: dict) -> dict:
+        """A data batch with ``prompt``'s tokens as ``text`` when the teacher reads text and the
+        batch has none of its own (the edit task's instructions are tokenized by the data)."""
+        if self.teacher.tokenizer is None or "text" in batch:
+            return batch
+        from codi_jax.models import clip
+
+        ids, _ = clip.tokenize(self.teacher.tokenizer, [self.prompt] * len(batch["image"]))
+        return dict(batch, text=ids)
+
     def teacher_fn(self, params: Any) -> Callable[[Array, Array, Any], Array]:
         """The frozen unconditional teacher (the online params' UNet at init) as ``teacher(z, t, ctx)``."""
         unet = self.module.unet
         return lambda z, model_time, context: unet.apply({"params": params}, z, model_time, context)
 
 
-def make_student(cfg: ml_collections.ConfigDict, teacher: Teacher, config: dict) -> Student:
-    """The ``Student`` for an adapted-model ``config`` (see ``adapted_config``)."""
-    module = adapters.ConditionedUNet.from_config(config, jnp.dtype(cfg.model.dtype), **module_options(cfg))
-    return Student(module, config, teacher, text_layer=cfg.model.text_layer)
+def make_student(m: ml_collections.ConfigDict, teacher: Teacher, config: dict) -> Student:
+    """The ``Student`` of the model config ``m`` for an adapted-model ``config`` (see
+    ``adapted_config``)."""
+    module = adapters.ConditionedUNet.from_config(config, jnp.dtype(m.dtype), **module_options(m))
+    return Student(module, config, teacher, text_layer=m.text_layer, prompt=m.prompt)
 
 
-def build_student(cfg: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int,
+def build_student(m: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int,
                   rng: Array) -> tuple[Student, dict]:
     """The adapted model and its initial params (the teacher's function at μ = 0 / zero convs)."""
-    config = adapted_config(cfg, teacher, cond_channels)
+    config = adapted_config(m, teacher, cond_channels)
     params = adapters.init_adapted_params(config, teacher.unet_params, rng)
-    return make_student(cfg, teacher, config), params
+    return make_student(m, teacher, config), params

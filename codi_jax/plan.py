@@ -2,8 +2,7 @@
 per-device memory, FLOPs per step and a *projected* step time on Cloud TPUs.
 
     python -m codi_jax.plan --config=configs/sr.py:sd15 --devices=8 --batch_per_device=1
-    python -m codi_jax.plan --config=configs/sr.py:sd21 --devices=8 \\
-        --config.model.adapter=controlnet --config.model.trainable=adapter     # PE-CoDi
+    python -m codi_jax.plan --config=configs/sr.py:sd21,pe --devices=8     # PE-CoDi
 
 The teacher (UNet, VAE, text encoder) is built from the shipped diffusers configs
 (``models.get_config``) with ``jax.eval_shape``: only shapes and dtypes exist, so SD needs no
@@ -168,8 +167,8 @@ def compile_step(cfg: Any, preset: str, batch_per_device: int, mfu: float = 0.4,
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
     batch = batch_per_device * len(devices)
     teacher = abstract_teacher(cfg, preset)
-    config = adapted_config(cfg, teacher, cond_channels(cfg.data))
-    student = make_student(cfg, teacher, config)
+    config = adapted_config(cfg.model, teacher, cond_channels(cfg.data))
+    student = make_student(cfg.model, teacher, config)
     params = jax.eval_shape(lambda p: adapters.init_adapted_params(config, p, jax.random.PRNGKey(1)),
                             teacher.unet_params)
     mode = cfg.model.trainable if "adapter" in params else "all"

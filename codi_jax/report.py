@@ -178,13 +178,7 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
         f"- Commit: `{commit}`; written {datetime.date.today().isoformat()}",
         f"- Wall time: {wall_time_s / 60:.1f} min in all "
         "(" + ", ".join(f"{k} {v['wall_time_s'] / 60:.1f}" for k, v in summaries.items()) + " min)",
-        "- Setup: the embedded pixel-space teacher (`codi_jax/assets/demo_teacher`), SR ×4 on 32×32 "
-        "crops of the embedded demo images; every method trains the same number of steps (batch 16, "
-        "seed 0, the same data order) and is evaluated on the same 64 held-out crops with the same "
-        "initial noise. CM and GD start from the fine-tuned teacher, so they also use its "
-        "training steps; GD splits its budget over three rounds (32 → 16 → 8 → 4 steps). The controls "
-        "added after the first results: `codi_2x` trains twice as long (the teacher's steps plus "
-        "CM's), `codi_seed1` is CoDi with another training seed (the seed-to-seed spread).",
+        _setup_line(summaries),
         "- Metrics: PSNR / SSIM (dm-pix) against the high-resolution target; SWD = multi-scale "
         "sliced Wasserstein distance between patch distributions of the samples and of the targets "
         "(no pretrained network; it stands in for FID). " + (
@@ -214,6 +208,27 @@ def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wa
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _setup_line(summaries: dict[str, Any]) -> str:
+    """The run settings, as the runs recorded them (``experiments.run_setup``)."""
+    setups = [s["setup"] for s in summaries.values() if "setup" in s]
+    if not setups:
+        return "- Setup: not recorded by these runs."
+    s = setups[0]
+    same = all(other == s for other in setups)
+    steps = sorted({v["train_steps"] for v in summaries.values()})
+    teacher, target = s["gd_steps"]
+    return (f"- Setup: teacher `{s['teacher']}`, SR ×4 ({s['degradation']} degradation) on "
+            f"{s['image_size']}×{s['image_size']} crops of the `{s['source']}` pictures; batch "
+            f"{s['batch_size']}, seed {s['seed']}, the same data order for every method; "
+            f"{', '.join(map(str, steps))} training steps; evaluated on {s['eval_examples']} examples of "
+            f"{', '.join(s['eval_splits'])} with the same initial noise"
+            + ("" if same else " (settings differ between variants: see each summary.json)")
+            + f". CM and GD start from the fine-tuned teacher, so they also use its training steps; GD "
+            f"splits its budget over the rounds {teacher} → {target} steps. Controls: `codi_2x` trains "
+            "twice as long (the teacher's steps plus CM's), `codi_seed1` is CoDi with another "
+            "training seed (the seed-to-seed spread).")
 
 
 DISCUSSION = "## Discussion"

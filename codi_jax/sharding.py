@@ -9,7 +9,6 @@ replicated. XLA inserts the all-gathers (forward) and reduce-scatters (gradients
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import jax
@@ -52,23 +51,11 @@ def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2**14) -> P
     return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, min_size: int = 2**14,
-                   overrides: Sequence[tuple[str, P]] = ()) -> Any:
-    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs).
-
-    ``overrides`` are (regex, PartitionSpec) pairs matched against the '/'-joined leaf path; the
-    first match wins over the default fsdp rule.
-    """
+def tree_shardings(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
+    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs): the fsdp rule of
+    ``param_spec``."""
     fsdp = mesh.shape["fsdp"]
-
-    def one(path, leaf):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        for pattern, spec in overrides:
-            if re.search(pattern, name):
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, param_spec(np.shape(leaf), fsdp, min_size))
-
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, param_spec(np.shape(leaf), fsdp, min_size)), tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import threading
@@ -25,22 +26,31 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from codi_jax import diffusion, sharding
+from codi_jax import diffusion, evaluate, sharding
 from codi_jax.distill import (CMLossConfig, CoDiLossConfig, ProgressiveLossConfig, ema_update,
                               make_cm_loss, make_codi_loss, make_progressive_loss)
-from codi_jax.distill.progressive import round_schedule
+from codi_jax.export import export, load_exported
 from codi_jax.models import adapters
 from codi_jax.modeling import Student, build_student, load_teacher
+from codi_jax.sampling import JittedSamplers
 
 OBJECTIVES = ("codi", "diffusion", "cm", "gd")
-# Objectives with a second set of weights in the loss (θ⁻ of CoDi / CM, GD's round teacher).
-TARGET_OBJECTIVES = ("codi", "cm", "gd")
+# Objectives with a consistency target θ⁻ (the EMA of Algorithm 1's last line) in the loss.
+TARGET_OBJECTIVES = ("codi", "cm")
 # Objectives that distil a fine-tuned conditional teacher (model.conditional_teacher).
 BASELINE_OBJECTIVES = ("cm", "gd")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the last checkpoint holds the last good state."""
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run after saving a checkpoint at ``step``; rerunning resumes there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved step {step}; rerun the same command to resume")
+        self.step = step
 
 
 # ---------------------------------------------------------------------------------------- params
@@ -72,14 +82,14 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
         schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.warmup_steps, 1), t.num_steps)
     else:
         raise ValueError(f"train.lr_schedule: unknown value {t.lr_schedule!r}; known: ['constant', 'cosine']")
-    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
-    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+    transforms = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
+    transforms.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
     if t.mu_lr_scale != 1.0:
         # Adam moves every parameter by about lr per step whatever its gradient, so the scalar
         # gate μ of eq. 10 needs ~1/lr steps to open; short runs give it a larger step.
         is_mu = lambda params: traverse_util.path_aware_map(lambda path, _: path[-1] == "mu", params)
-        parts.append(optax.masked(optax.scale(t.mu_lr_scale), is_mu))
-    return optax.chain(*parts), schedule
+        transforms.append(optax.masked(optax.scale(t.mu_lr_scale), is_mu))
+    return optax.chain(*transforms), schedule
 
 
 # ------------------------------------------------------------------------------------------ step
@@ -87,10 +97,11 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
 
 def make_loss(cfg: ml_collections.ConfigDict, student: Student, student_steps: int | None = None
               ) -> Callable:
-    """``loss(params, target_params, aux, batch, rng)`` of ``cfg.objective`` on full param trees.
+    """``loss(params, second_params, aux, batch, rng)`` of ``cfg.objective`` on full param trees.
 
-    ``target_params`` are CoDi's / CM's EMA target θ⁻, and for ``gd`` the frozen teacher of the
-    current round (whose student samples in ``student_steps``). CM's teacher is ``aux["teacher"]``.
+    ``second_params`` are CoDi's / CM's consistency target θ⁻ (``state["target"]``), and for
+    ``gd`` the frozen teacher of the current round (``state["round_teacher"]``, whose student
+    samples in ``student_steps``). CM's teacher is ``aux["teacher"]``.
     """
     teacher = student.teacher
     schedule, prediction_type = teacher.schedule, teacher.prediction_type
@@ -107,9 +118,7 @@ def make_loss(cfg: ml_collections.ConfigDict, student: Student, student_steps: i
 
         return cm_loss
     if cfg.objective == "gd":
-        gd = cfg.gd.to_dict()
-        gd_cfg = ProgressiveLossConfig.from_mapping(
-            {k: v for k, v in gd.items() if k not in ("teacher_steps", "target_steps")})
+        gd_cfg = ProgressiveLossConfig.from_mapping(cfg.gd.to_dict())
 
         def gd_loss(params, target, aux, batch, rng):
             teacher_fn = functools.partial(student.model_fn, target)
@@ -144,16 +153,30 @@ def _perceptual_fn(cfg: ml_collections.ConfigDict, loss_cfg: CoDiLossConfig) -> 
     return lpips.load_lpips(cfg.eval.lpips_weights.split(","), net=cfg.eval.lpips_net)
 
 
-def gd_rounds(cfg: ml_collections.ConfigDict) -> list[int | None]:
-    """The student step count of each training round: progressive distillation's halvings for
-    ``gd``, one round (``None``) otherwise. ``train.num_steps`` is split evenly over the rounds."""
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """One training round: its student's step count (GD; ``None`` for the other objectives) and
+    the first training step it owns."""
+
+    student_steps: int | None
+    start: int
+
+
+def training_rounds(cfg: ml_collections.ConfigDict) -> list[Round]:
+    """Progressive distillation's halvings for ``gd``, one round otherwise. ``train.num_steps`` is
+    split as evenly as the integers allow (a later round takes one step more)."""
     if cfg.objective != "gd":
-        return [None]
-    rounds = round_schedule(cfg.gd.teacher_steps, cfg.gd.target_steps)
-    if cfg.train.num_steps % len(rounds):
-        raise ValueError(f"train.num_steps: {cfg.train.num_steps} does not split evenly into the "
-                         f"{len(rounds)} rounds {cfg.gd.teacher_steps} → {cfg.gd.target_steps} steps")
-    return rounds
+        return [Round(None, 0)]
+    steps = ProgressiveLossConfig.from_mapping(cfg.gd.to_dict()).rounds()
+    if cfg.train.num_steps < len(steps):
+        raise ValueError(f"train.num_steps: {cfg.train.num_steps} is fewer than the {len(steps)} GD "
+                         f"rounds {cfg.gd.teacher_steps} → {cfg.gd.target_steps} steps")
+    return [Round(n, r * cfg.train.num_steps // len(steps)) for r, n in enumerate(steps)]
+
+
+def current_round(rounds: list[Round], step: int) -> Round:
+    """The round that owns training step ``step``."""
+    return [r for r in rounds if r.start <= step][-1]
 
 
 def evaluation_decay(decay: float, step: jax.Array) -> jax.Array:
@@ -171,19 +194,18 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
     learning-rate schedule, restarted at ``first_step``)."""
     loss_fn = make_loss(cfg, student, student_steps)
     accum = cfg.train.grad_accum
-    # GD has no EMA: its "target" is the current round's frozen teacher (see ``begin_round``).
-    decay = 1.0 if cfg.objective == "gd" else cfg.train.ema_decay
 
     def step(state, frozen, aux, batch, base_rng):
         # The step's randomness depends only on (seed, step): a resumed run draws what an
         # uninterrupted one would.
         k_prep, k_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
         data = student.prepare(aux, batch, k_prep)
-        target_full = combine(state["target"], frozen)
+        # GD reads the current round's frozen teacher (see ``begin_round``), CoDi / CM their θ⁻.
+        second = combine(state["round_teacher"] if cfg.objective == "gd" else state["target"], frozen)
 
         def micro_grad(params, micro, key):
             def f(p):
-                return loss_fn(combine(p, frozen), target_full, aux, micro, key)
+                return loss_fn(combine(p, frozen), second, aux, micro, key)
             return jax.value_and_grad(f, has_aux=True)(params)
 
         if accum == 1:
@@ -207,8 +229,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"step": state["step"] + 1, "params": params,
-               "target": (ema_update(state["target"], params, decay)
+               "target": (ema_update(state["target"], params, cfg.train.ema_decay)
                           if cfg.objective in TARGET_OBJECTIVES else state["target"]),
+               "round_teacher": state["round_teacher"],
                "ema": ema_update(state["ema"], params, evaluation_decay(cfg.train.eval_ema_decay, state["step"])),
                "opt_state": opt_state}
         grad_norm = optax.global_norm(grads)
@@ -238,16 +261,67 @@ def checkpoint_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.Chec
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+# The config keys a resumed run must share with the run that wrote the checkpoint: they fix the
+# state's structure, the objective, the model or the data order. Anything else (train.num_steps,
+# the learning rate, evaluation and logging settings) may change between a stop and a resume.
+RESUME_KEYS = ("seed", "objective", "model.pretrained", "model.unet_config", "model.vae",
+               "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots",
+               "model.cond_input", "model.hint_channels", "model.prediction_type",
+               "model.conditional_teacher", "model.vae_config", "data.task", "data.source",
+               "train.batch_size", "distill.grid", "gd.teacher_steps", "gd.target_steps")
+
+
+def _json_record(tree: Any) -> Any:
+    return json.loads(json.dumps(tree, default=list))  # tuples → lists, as JSON stores them
+
+
+def save_checkpoint(mgr: ocp.CheckpointManager, step: int, state: Any, cfg: ml_collections.ConfigDict,
+                    model_config: dict | None = None, force: bool = False) -> None:
+    """Saves ``state`` with the run's config (``config``) and the adapted-model config (``model``)
+    as JSON items beside it, so a workdir says what its checkpoints are."""
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(_json_record(cfg.to_dict()))}
+    if model_config is not None:
+        items["model"] = ocp.args.JsonSave(_json_record(model_config))
+    mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
     """The newest checkpoint that restores; corrupt ones are skipped with a warning. Restoring onto
     ``abstract_state``'s shardings reshards (any mesh shape)."""
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
-            return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
         except Exception as err:  # noqa: BLE001 — any failure means: this checkpoint is unusable.
             logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
                             step, mgr.directory, type(err).__name__, err)
     return None
+
+
+def stored_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config saved with the newest readable checkpoint of ``workdir`` (None if it has none)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                options=ocp.CheckpointManagerOptions(read_only=True))
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            return ml_collections.ConfigDict(mgr.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore())).config)
+        except Exception:  # noqa: BLE001 — an older or corrupt checkpoint: try the previous one.
+            continue
+    return None
+
+
+def check_resumable(stored: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict) -> None:
+    """Refuses to continue a workdir's checkpoints with a config that differs in ``RESUME_KEYS``."""
+    old = traverse_util.flatten_dict(_json_record(stored.to_dict()), sep=".")
+    new = traverse_util.flatten_dict(_json_record(cfg.to_dict()), sep=".")
+    keys = sorted(k for k in set(old) | set(new) if any(k == r or k.startswith(r + ".") for r in RESUME_KEYS))
+    differing = [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in keys
+                 if old.get(k) != new.get(k)]
+    if differing:
+        raise ValueError("the workdir's checkpoints belong to a run with another config; use another "
+                         "--workdir or the same settings (" + "; ".join(differing) + ")")
 
 
 class PreemptionFlag:
@@ -290,7 +364,7 @@ class Setup:
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of the state: the restore target for orbax."""
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             self.state, self.state_sharding)
 
 
@@ -307,8 +381,8 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
         from codi_jax.data.config import cond_channels
 
         k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        teacher = load_teacher(cfg, k_teacher)
-        student, params = build_student(cfg, teacher, cond_channels(cfg.data), k_adapter)
+        teacher = load_teacher(cfg.model, k_teacher)
+        student, params = build_student(cfg.model, teacher, cond_channels(cfg.data), k_adapter)
     mode = cfg.model.trainable if "adapter" in params else "all"
     trainable, frozen = partition(params, adapters.trainable_mask(params, mode))
     aux = student.aux_params()
@@ -328,73 +402,75 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
 
 
 def initial_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, trainable: dict) -> dict:
-    """The train state at step 0: the trainable params, θ⁻ (``target``, for the objectives that
-    have one), the evaluation EMA and the optimizer state."""
-    target = trainable if cfg.objective in TARGET_OBJECTIVES else {}
-    return {"step": jnp.zeros((), jnp.int32), "params": trainable, "target": target, "ema": trainable,
-            "opt_state": tx.init(trainable)}
+    """The train state at step 0: the trainable params, θ⁻ (``target``: CoDi / CM), GD's frozen
+    teacher of the current round (``round_teacher``), the evaluation EMA (``ema``: what is
+    evaluated and exported) and the optimizer state. An entry an objective does not use is {}."""
+    return {"step": jnp.zeros((), jnp.int32), "params": trainable,
+            "target": trainable if cfg.objective in TARGET_OBJECTIVES else {},
+            "round_teacher": trainable if cfg.objective == "gd" else {},
+            "ema": trainable, "opt_state": tx.init(trainable)}
 
 
 def load_conditional_teacher(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:
     """The exported fine-tuned conditional model of ``model.conditional_teacher`` and its params,
     built with this config's compute options."""
-    from codi_jax import evaluate
-
-    student, params, _, _ = evaluate.load_exported(
+    student, params, _, _ = load_exported(
         cfg.model.conditional_teacher, dtype=cfg.model.dtype, remat=cfg.model.remat,
         attention=cfg.model.attention)
     return student, params
 
 
-def jit_train_step(cfg: ml_collections.ConfigDict, s: Setup, mesh: jax.sharding.Mesh,
+def jit_train_step(cfg: ml_collections.ConfigDict, parts: Setup, mesh: jax.sharding.Mesh,
                    student_steps: int | None = None, first_step: int = 0) -> Callable:
     """The train step (of the GD round ``student_steps`` starting at ``first_step``) jitted over
     ``mesh``, the state donated."""
-    return jax.jit(make_train_step(cfg, s.student, s.tx, s.schedule, student_steps, first_step),
-                   in_shardings=(s.state_sharding, s.frozen_sharding, s.aux_sharding,
+    return jax.jit(make_train_step(cfg, parts.student, parts.tx, parts.schedule, student_steps, first_step),
+                   in_shardings=(parts.state_sharding, parts.frozen_sharding, parts.aux_sharding,
                                  sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                   out_shardings=(s.state_sharding, sharding.replicated(mesh)),
+                   out_shardings=(parts.state_sharding, sharding.replicated(mesh)),
                    donate_argnums=(0,))
 
 
-def begin_round(s: Setup) -> Callable:
+def begin_round(parts: Setup) -> Callable:
     """``state -> state`` at a GD round boundary: the student just trained becomes the frozen
-    teacher (``target``) and the start of the next student, whose optimizer starts afresh. The
+    teacher (``round_teacher``) and the start of the next student, whose optimizer starts afresh. The
     teacher lives in the checkpointed state, so a resumed run needs nothing else."""
 
     def start(state):
         # The evaluation EMA restarts too: it must not average students of other step counts.
-        return {"step": state["step"], "params": state["params"], "target": state["params"],
-                "ema": state["params"], "opt_state": s.tx.init(state["params"])}
+        return {"step": state["step"], "params": state["params"], "target": {},
+                "round_teacher": state["params"], "ema": state["params"],
+                "opt_state": parts.tx.init(state["params"])}
 
-    return jax.jit(start, in_shardings=(s.state_sharding,), out_shardings=s.state_sharding,
+    return jax.jit(start, in_shardings=(parts.state_sharding,), out_shardings=parts.state_sharding,
                    donate_argnums=(0,))
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``cfg`` in ``workdir`` (resuming from its latest checkpoint), then evaluates and
-    exports. Returns the evaluation results."""
+    exports. Returns the evaluation results; raises ``Preempted`` when SIGTERM stopped it."""
     from codi_jax import data as data_lib
-    from codi_jax import evaluate
 
+    previous = stored_config(workdir)
+    if previous is not None:  # before anything is built: a refused resume costs nothing
+        check_resumable(previous, cfg)
+    rounds = training_rounds(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if cfg.train.batch_size % (mesh.size * cfg.train.grad_accum):
         raise ValueError(f"train.batch_size: {cfg.train.batch_size} does not split into "
                          f"{cfg.train.grad_accum} micro-batches over {mesh.size} devices")
-    s = setup(cfg, mesh)
-    student, state, frozen, aux = s.student, s.state, s.frozen, s.aux
+    parts = setup(cfg, mesh)
+    student, state, frozen, aux = parts.student, parts.state, parts.frozen, parts.aux
     if student.teacher.tokenizer is not None and cfg.data.task == "edit" and not cfg.data.tokenizer:
         # Per-example instructions are tokenized by the data pipeline with the teacher's tokenizer.
         cfg.data.tokenizer = os.path.join(student.teacher.root, "tokenizer")
 
     mgr = checkpoint_manager(workdir, cfg)
-    restored = restore_latest(mgr, s.abstract_state())
+    restored = restore_latest(mgr, parts.abstract_state())
     if restored is not None:
         state = restored
         logging.info("resumed from step %d", int(state["step"]))
     start = int(state["step"])
-    rounds = gd_rounds(cfg)
-    round_length = cfg.train.num_steps // len(rounds)
     step_fn = None
     base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
 
@@ -404,15 +480,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     preempted = PreemptionFlag()
     batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
                                            seed=cfg.seed, start_step=start)
+    samplers = JittedSamplers(student)  # compiled once for every evaluation of this run
     pending = None  # metrics of the previous step, fetched one step late to keep the device busy
     try:
         for step in range(start, cfg.train.num_steps):
-            r, first = divmod(step, round_length)
-            if step_fn is None or first == 0:
-                if first == 0 and step > 0:
-                    state = begin_round(s)(state)
-                step_fn = jit_train_step(cfg, s, mesh, rounds[r], r * round_length)
-            batch = sharding.global_batch(_with_prompt(next(batches), student, cfg), mesh)
+            round_ = current_round(rounds, step)
+            if step_fn is None or step == round_.start:
+                if step == round_.start and step > 0:
+                    state = begin_round(parts)(state)
+                step_fn = jit_train_step(cfg, parts, mesh, round_.student_steps, round_.start)
+            batch = sharding.global_batch(student.with_prompt(next(batches)), mesh)
             state, metrics = step_fn(state, frozen, aux, batch, base_rng)
             if pending is not None:
                 _check_and_log(*pending, writer, cfg, workdir)
@@ -421,16 +498,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             done = step + 1
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.num_steps \
                     and cfg.eval.num_examples > 0:
-                evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=False)
+                evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=False,
+                             samplers=samplers)
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
             if saved:
-                mgr.save(done, args=ocp.args.StandardSave(state))
+                save_checkpoint(mgr, done, state, cfg, student.config)
             if preempted.is_set():
                 if not saved:
-                    mgr.save(done, args=ocp.args.StandardSave(state), force=True)
+                    save_checkpoint(mgr, done, state, cfg, student.config, force=True)
                 mgr.wait_until_finished()
                 logging.warning("SIGTERM: saved step %d and stopped", done)
-                return {"preempted_at": done}
+                raise Preempted(done)
         if pending is not None:
             _check_and_log(*pending, writer, cfg, workdir, force=True)
     finally:
@@ -440,7 +518,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     params = final_params(state, frozen)
     results = {}
     if cfg.eval.num_examples > 0:
-        results = evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=cfg.eval.online)
+        results = evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=cfg.eval.online,
+                               samplers=samplers)
     results["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     if cfg.export:
         if jax.process_count() > 1:
@@ -449,7 +528,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() == 0:
-            evaluate.export(student, params, os.path.join(workdir, "export"), cfg)
+            export(student, params, os.path.join(workdir, "export"), cfg)
     writer.flush()
     return results
 
@@ -461,12 +540,12 @@ def final_params(state: dict, frozen: dict, weights: str = "ema") -> dict:
 
 
 def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, frozen: dict, aux: dict,
-                 workdir: str, writer=None, online: bool = False) -> dict:
+                 workdir: str, writer=None, online: bool = False,
+                 samplers: JittedSamplers | None = None) -> dict:
     """Evaluates the EMA weights on every split of ``eval.splits`` (and, with ``online``, the online
     weights on the first), appends each result to ``eval_log.jsonl`` and returns the EMA's result
     on the first split, with the others under ``"splits"`` / ``"online"``."""
-    from codi_jax import evaluate
-
+    samplers = samplers or JittedSamplers(student)
     step = int(state["step"])
     splits = tuple(cfg.eval.splits) or (cfg.data.eval_split,)
     runs = [(split, "ema") for split in splits] + ([(splits[0], "online")] if online else [])
@@ -475,7 +554,7 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
         # eval.json for the first split, <split>.json for the others, eval_online.json.
         name = "eval" if i == 0 else split if weights == "ema" else "eval_online"
         res = evaluate.run(cfg, student, final_params(state, frozen, weights), aux, workdir,
-                           writer=writer, step=step, name=name, split=split)
+                           writer=writer, step=step, name=name, split=split, samplers=samplers)
         append_jsonl(workdir, "eval_log.jsonl", {"step": step, "split": split, "weights": weights, **res})
         if i == 0:
             out = dict(res)
@@ -486,13 +565,29 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
     return out
 
 
+def _restore_for(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, dict]:
+    """The setup of ``cfg`` and the newest checkpoint of ``workdir`` (``mode=eval`` / ``export``)."""
+    previous = stored_config(workdir)
+    if previous is not None:
+        check_resumable(previous, cfg)
+    parts = setup(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
+    restored = restore_latest(checkpoint_manager(workdir, cfg), parts.abstract_state())
+    if restored is None:
+        raise FileNotFoundError(f"mode={cfg.mode}: no restorable checkpoint under {workdir}/checkpoints")
+    return parts, restored
+
+
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """``mode=eval``: evaluates the latest checkpoint of ``workdir``."""
-    s = setup(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
-    restored = restore_latest(checkpoint_manager(workdir, cfg), s.abstract_state())
-    if restored is None:
-        raise FileNotFoundError(f"mode=eval: no restorable checkpoint under {workdir}/checkpoints")
-    return evaluate_all(cfg, s.student, restored, s.frozen, s.aux, workdir, online=cfg.eval.online)
+    parts, restored = _restore_for(cfg, workdir)
+    return evaluate_all(cfg, parts.student, restored, parts.frozen, parts.aux, workdir, online=cfg.eval.online)
+
+
+def export_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """``mode=export``: writes ``workdir/export`` from the latest checkpoint's evaluation EMA
+    (single process)."""
+    parts, restored = _restore_for(cfg, workdir)
+    return export(parts.student, final_params(restored, parts.frozen), os.path.join(workdir, "export"), cfg)
 
 
 def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str, force: bool = False) -> None:
@@ -511,21 +606,9 @@ def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str, force: b
 def append_jsonl(workdir: str, name: str, record: dict) -> None:
     """Appends ``record`` as one JSON line to ``workdir/name`` (process 0 only)."""
     if jax.process_index() == 0:
-        import json
-
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, name), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _with_prompt(batch: dict, student: Student, cfg) -> dict:
-    """Text-to-image teachers without per-example text get the config prompt for every example."""
-    if student.teacher.tokenizer is None or "text" in batch:
-        return batch
-    from codi_jax.models import clip
-
-    ids, _ = clip.tokenize(student.teacher.tokenizer, [cfg.model.prompt] * len(batch["image"]))
-    return dict(batch, text=ids)
 
 
 def _flat_config(cfg: ml_collections.ConfigDict) -> dict:

@@ -3,7 +3,8 @@
 Condition: (image, depth) pairs: on the embedded data the exact depth order of procedural dead-leaves
 pictures and the motorcycle stereo pair with its disparity map (its right quarter held out).
 
-Presets (``--config=configs/depth.py:<preset>``):
+Presets compose (``--config=configs/depth.py:<preset>[,<preset>...][,key=value...]``, e.g.
+``sd15,pe`` or ``finetune,minimal``; see ``config_lib.task_config``):
 
 * (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
   latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures

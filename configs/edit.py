@@ -2,7 +2,8 @@
 
 Condition: (input, edited, instruction) triples: on the embedded data six fixed edits (flip, grayscale, invert, ...).
 
-Presets (``--config=configs/edit.py:<preset>``):
+Presets compose (``--config=configs/edit.py:<preset>[,<preset>...][,key=value...]``, e.g.
+``sd15,pe`` or ``finetune,minimal``; see ``config_lib.task_config``):
 
 * (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
   latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures

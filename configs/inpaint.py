@@ -2,7 +2,8 @@
 
 Condition: masked image + mask (4 channels): free-form strokes and boxes covering 10-50% of the crop.
 
-Presets (``--config=configs/inpaint.py:<preset>``):
+Presets compose (``--config=configs/inpaint.py:<preset>[,<preset>...][,key=value...]``, e.g.
+``sd15,pe`` or ``finetune,minimal``; see ``config_lib.task_config``):
 
 * (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
   latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures

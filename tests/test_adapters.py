@@ -128,6 +128,31 @@ def test_blend_points_line_up_with_the_unet_features(pretrained):
     assert float(jnp.max(jnp.abs(other - ref))) > 1e-2
 
 
+def test_time_dependent_mu_interpolates_its_knots(pretrained):
+    """μ(t) with K knots: constant knots give the constant-μ model exactly; knots (0, 1) give, at
+    each example's t, the constant-μ model with μ = t / 1000."""
+    unet_params, z, t, ctx, ref = pretrained
+    const = dict(unet=UNET, adapter="cond_encoder", cond_channels=4)
+    knots = dict(const, mu_knots=2)
+    p_const = init_adapted_params(const, unet_params, jax.random.key(0))
+    p_knots = init_adapted_params(knots, unet_params, jax.random.key(0))
+    assert p_knots["adapter"]["mu"].shape == (2,) and float(jnp.max(jnp.abs(p_knots["adapter"]["mu"]))) == 0.0
+    apply_const = jax.jit(ConditionedUNet.from_config(const).apply)
+    apply_knots = jax.jit(ConditionedUNet.from_config(knots).apply)
+    cond = _cond(const)
+    np.testing.assert_allclose(apply_knots({"params": p_knots}, z, t, cond, ctx), ref, atol=1e-5)
+    p_const["adapter"]["mu"] = jnp.asarray(0.4)
+    p_knots["adapter"]["mu"] = jnp.array([0.4, 0.4])
+    np.testing.assert_allclose(apply_knots({"params": p_knots}, z, t, cond, ctx),
+                               apply_const({"params": p_const}, z, t, cond, ctx), atol=1e-5)
+    p_knots["adapter"]["mu"] = jnp.array([0.0, 1.0])
+    ramp = apply_knots({"params": p_knots}, z, t, cond, ctx)
+    for b in range(z.shape[0]):
+        p_const["adapter"]["mu"] = jnp.asarray(float(t[b]) / 1000.0)
+        one = apply_const({"params": p_const}, z[b:b + 1], t[b:b + 1], cond[b:b + 1], ctx[b:b + 1])
+        np.testing.assert_allclose(ramp[b:b + 1], one, atol=1e-5)
+
+
 def test_mu_blends_linearly(pretrained):
     """Eq. 10 at the mid block: blending with μ equals adding μ (f - h) to the mid output h."""
     unet_params, z, t, ctx, _ = pretrained
@@ -136,7 +161,7 @@ def test_mu_blends_linearly(pretrained):
     unet = UNet2DConditionModel.from_config(UNET)
     encoder = CondEncoder.from_config(config)
     temb = unet.apply({"params": unet_params}, t, 2, method=unet.embed_time)
-    feats, _ = encoder.apply({"params": params["adapter"]}, _cond(config), temb, ctx)
+    feats, _ = encoder.apply({"params": params["adapter"]}, _cond(config), temb, t, ctx)
     # conv_in, down-block layer, downsampler, down-block layer, mid block.
     assert [f.shape[1:] for f in feats] == [(16, 16, 32), (16, 16, 32), (8, 8, 32), (8, 8, 64), (8, 8, 64)]
     _, state = unet.apply({"params": unet_params}, z, t, ctx,

@@ -52,11 +52,11 @@ def test_gd_rounds_chain_and_resume_bitwise_at_a_round_boundary(conditional_teac
     train.train_and_evaluate(_baseline_config("gd", conditional_teacher), whole)   # 2 rounds × 2 steps
     step2, step4 = _checkpoint(whole, 2), _checkpoint(whole, 4)
     # Round 1's frozen teacher is round 0's final student.
-    for a, b in zip(jax.tree.leaves(step4["target"]), jax.tree.leaves(step2["params"])):
+    for a, b in zip(jax.tree.leaves(step4["round_teacher"]), jax.tree.leaves(step2["params"])):
         np.testing.assert_array_equal(a, b)
     # Round 0's teacher is the exported fine-tuned model, unchanged by round 0's training.
     _, exported = train.load_conditional_teacher(_baseline_config("gd", conditional_teacher))
-    for a, b in zip(jax.tree.leaves(step2["target"]), jax.tree.leaves(exported)):
+    for a, b in zip(jax.tree.leaves(step2["round_teacher"]), jax.tree.leaves(exported)):
         np.testing.assert_array_equal(a, b)
     # "Preempted" right after round 0: only the step-2 checkpoint survives; resuming starts round 1.
     shutil.copytree(whole, halves)
@@ -66,9 +66,16 @@ def test_gd_rounds_chain_and_resume_bitwise_at_a_round_boundary(conditional_teac
         np.testing.assert_array_equal(a, b)
 
 
-def test_gd_steps_must_split_into_the_rounds(conditional_teacher, tmp_path):
-    with pytest.raises(ValueError, match="rounds"):
-        train.train_and_evaluate(_baseline_config("gd", conditional_teacher, num_steps=3), str(tmp_path))
+def test_gd_rounds_split_the_steps_as_evenly_as_integers_allow():
+    cfg = tiny_config(num_steps=5)
+    cfg.objective = "gd"
+    cfg.gd.teacher_steps, cfg.gd.target_steps = 8, 1          # three rounds: 8 → 4 → 2 → 1 steps
+    rounds = train.training_rounds(cfg)
+    assert [(r.student_steps, r.start) for r in rounds] == [(4, 0), (2, 1), (1, 3)]
+    assert [train.current_round(rounds, step).student_steps for step in range(5)] == [4, 2, 2, 1, 1]
+    cfg.train.num_steps = 2
+    with pytest.raises(ValueError, match="fewer than the 3 GD rounds"):
+        train.train_and_evaluate(cfg, "/nonexistent-never-written")
 
 
 def test_reproduction_smoke_runs_the_baselines_and_writes_the_report(tmp_path):

@@ -89,7 +89,7 @@ def test_train_tpu_runs(tmp_path):
     workdir = json.loads(line.split("=", 1)[1])
     try:
         results = json.load(open(os.path.join(workdir, "eval.json")))
-        assert set(results["samplers"]["codi"]) == {"1", "2"}
+        assert set(results["samplers"]["codi"]) == {"1", "4"}
         assert os.path.exists(os.path.join(workdir, "eval_samples.png"))
         assert os.path.exists(os.path.join(workdir, "export", "codi.json"))
         assert any("image/png" in out.get("data", {}) for out in _outputs(nb))

@@ -64,6 +64,7 @@ def test_each_sampler_calls_the_model_once_per_step(num_steps):
     samplers = {
         "ddim": lambda d: diffusion.ddim_sample(d, z0, SCHED, ts),
         "codi": lambda d: diffusion.codi_sample(d, z0, SCHED, num_steps, 20),
+        "ddim_on_grid": lambda d: diffusion.ddim_sample_on_grid(d, z0, SCHED, jnp.int32(num_steps), 20),
         "consistency": lambda d: diffusion.consistency_sample(d, z0, SCHED, ts, rng),
         "stochastic": lambda d: diffusion.stochastic_sample(d, z0, SCHED, num_steps, rng, 20),
         "dpmpp": lambda d: diffusion.dpm_solver_pp_2m(d, z0, SCHED, ts),
@@ -73,6 +74,20 @@ def test_each_sampler_calls_the_model_once_per_step(num_steps):
         jax.block_until_ready(jax.jit(lambda: run(_denoiser("v_prediction", calls)))())
         jax.effects_barrier()
         assert len(calls) == num_steps, name
+
+
+def test_one_compiled_grid_sampler_equals_the_fixed_step_samplers():
+    """ddim_sample_on_grid with a traced step count: one program, the same times (rounded half
+    to even, as ``timesteps``) and the same result as DDIM along ``timesteps(n, grid)``."""
+    den = _denoiser("v_prediction")
+    z0 = jax.random.normal(jax.random.PRNGKey(3), (2, 3))
+    on_grid = jax.jit(lambda n, grid: diffusion.ddim_sample_on_grid(den, z0, SCHED, n, grid),
+                      static_argnums=1)
+    for grid, steps in ((20, (1, 2, 3, 4, 8, 20)), (1000, (1, 4, 50, 200))):
+        for n in steps:
+            fixed = jax.jit(lambda: diffusion.ddim_sample(den, z0, SCHED, diffusion.timesteps(n, grid)))()
+            np.testing.assert_allclose(on_grid(jnp.int32(n), grid), fixed, atol=1e-6, err_msg=f"{n}/{grid}")
+    assert on_grid._cache_size() == 2  # one compilation per grid, whatever the step count
 
 
 def _point_mass_denoiser(m, prediction_type="v_prediction"):

@@ -77,17 +77,32 @@ def test_pe_codi_state_holds_only_the_adapter():
 
 
 def _checkpoint(workdir, step):
-    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
-def test_resume_is_bitwise_identical(tmp_path):
+def test_resume_is_bitwise_identical_and_checkpoints_know_their_config(tmp_path):
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
     train.train_and_evaluate(tiny_config(num_steps=4), whole)
     train.train_and_evaluate(tiny_config(num_steps=2), halves)   # "killed" after step 2
+    stored = train.stored_config(halves)
+    assert stored.model.unet_config.block_out_channels == [8, 16] and stored.train.num_steps == 2
+    # A longer run may continue these checkpoints; another model may not (refused up front).
+    other = tiny_config(num_steps=4)
+    other.model.adapter = "controlnet"
+    with pytest.raises(ValueError, match="model.adapter: 'cond_encoder' in the checkpoint, 'controlnet' now"):
+        train.train_and_evaluate(other, halves)
     train.train_and_evaluate(tiny_config(num_steps=4), halves)   # resumes at 2
     a, b = _checkpoint(whole, 4), _checkpoint(halves, 4)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+    # The workdir alone rebuilds the run: an export from the stored config loads back.
+    from codi_jax.export import load_exported
+
+    export_dir = train.export_checkpoint(train.stored_config(whole), whole)
+    student, params, _, grid = load_exported(export_dir)
+    assert grid == 10 and student.config["adapter"] == "cond_encoder"
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(train.final_params(a, {}))):
+        np.testing.assert_allclose(x, y, rtol=0, atol=0)
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path, monkeypatch):
@@ -103,8 +118,9 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_lib, "make_train_iterator", preempting_iterator)
     cfg = tiny_config(num_steps=50, checkpoint_every=1000)
-    result = train.train_and_evaluate(cfg, str(tmp_path))
-    assert result == {"preempted_at": 3}
+    with pytest.raises(train.Preempted) as stop:
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert stop.value.step == 3
     restored = _checkpoint(str(tmp_path), 3)
     assert int(restored["step"]) == 3
 

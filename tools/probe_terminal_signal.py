@@ -21,7 +21,7 @@ import numpy as np
 
 from codi_jax import config_lib, diffusion
 from codi_jax import data as data_lib
-from codi_jax.evaluate import load_exported
+from codi_jax.export import load_exported
 
 
 def main() -> None:

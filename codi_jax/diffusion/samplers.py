@@ -2,8 +2,8 @@
 distillation (Meng et al. 2023, eqs. 4-7), consistency-model multistep sampling and DPM-Solver++(2M).
 
 Every sampler takes a *denoiser* ``denoise(z, t) -> (x̂, ε̂)`` (see ``make_denoiser``), runs one
-``lax.scan`` over its steps and calls the denoiser exactly once per step, so an N-step sampler costs
-N network evaluations. Conditions and text are closed over by the denoiser, not threaded through here.
+``lax.scan`` over its steps (``ddim_sample_on_grid``: one loop whose length is a traced step count)
+and calls the denoiser exactly once per step, so an N-step sampler costs N network evaluations. Conditions and text are closed over by the denoiser, not threaded through here.
 """
 
 from __future__ import annotations
@@ -64,6 +64,25 @@ def ddim_sample(denoise: Denoiser, z_init: Array, schedule: Schedule, ts: np.nda
 
     z, _ = jax.lax.scan(step, z_init, _pairs(ts))
     return z
+
+
+def ddim_sample_on_grid(denoise: Denoiser, z_init: Array, schedule: Schedule, num_steps: Array,
+                        grid_size: int) -> Array:
+    """``ddim_sample`` along ``timesteps(num_steps, grid_size)`` with the step count a traced
+    integer: one compiled program serves every step count (a ``while`` loop, for sampling only —
+    it has no reverse-mode gradient). The times are computed in the loop exactly as
+    ``timesteps`` rounds them (half to even)."""
+    n = jnp.asarray(num_steps, jnp.int32)
+
+    def time(i):
+        return jnp.round(grid_size * (n - i).astype(jnp.float32) / n.astype(jnp.float32)) / grid_size
+
+    def step(i, z):
+        x_hat, eps_hat = denoise(z, time(i))
+        s = time(i + 1)
+        return ddim_update(x_hat, eps_hat, schedule.alpha(s), schedule.sigma(s))
+
+    return jax.lax.fori_loop(0, n, step, z_init)
 
 
 def codi_sample(denoise: Denoiser, z_init: Array, schedule: Schedule, num_steps: int,

@@ -4,7 +4,9 @@ Models" (arXiv:2210.03142) §3, on top of Salimans & Ho 2022 (progressive distil
 Stage one (``make_guided_stage_one_loss``, Meng eq. 3) distils a classifier-free-guided teacher,
 x̂^w = (1 + w) x̂_c − w x̂_∅, into one model that takes the guidance weight w as an input, for
 w ~ U[w_min, w_max]. It only applies where a condition can be dropped (text, class labels); the
-SR teacher of Table 1 is unguided and starts at stage two directly.
+SR teacher of Table 1 is unguided and starts at stage two directly. No trainer objective selects
+stage one yet (it is tested on its own, in tests/test_baselines.py): guidance-aware distillation of
+text-to-image teachers is what will use it.
 
 Stage two (``make_progressive_loss``) halves the number of sampling steps per round: a student
 of N steps (t = i/N) regresses, in one DDIM step t → t − 1/N, onto the point reached by two
@@ -59,12 +61,32 @@ _CHOICES = {
 }
 
 
+def round_schedule(teacher_steps: int, target_steps: int) -> list[int]:
+    """The students' step counts, one per round: ``teacher_steps``/2, /4, … down to ``target_steps``."""
+    if target_steps < 1 or teacher_steps < target_steps:
+        raise ValueError(f"teacher_steps/target_steps: need teacher_steps >= target_steps >= 1, "
+                         f"got {teacher_steps} and {target_steps}")
+    steps, n = [], teacher_steps
+    while n > target_steps:
+        if n % 2:
+            raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k; rounds halve "
+                             f"the steps and {n} is odd")
+        n //= 2
+        steps.append(n)
+    if n != target_steps:
+        raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k")
+    return steps
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgressiveLossConfig(Switches):
     """Switches of the GD objectives; defaults are Salimans & Ho's / Meng et al.'s choices."""
 
     CHOICES = _CHOICES
 
+    # The rounds of stage two: students of teacher_steps/2, /4, … down to target_steps steps.
+    teacher_steps: int = 32
+    target_steps: int = 4
     timestep_sampling: str = "sample"     # i ~ U{1..N} per example (Salimans & Ho, Alg. 2).
     weighting: str = "truncated_snr"      # max(SNR, 1) on ‖x̃ − x̂‖²; "snr_plus_one" is their other.
     # Stage one: w ~ U[w_min, w_max] (Meng et al. use [0, 4] for pixel ImageNet, [2, 14] for SD).
@@ -74,6 +96,11 @@ class ProgressiveLossConfig(Switches):
     def check(self) -> None:
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min: must not exceed w_max, got [{self.w_min}, {self.w_max}]")
+        self.rounds()
+
+    def rounds(self) -> list[int]:
+        """The student step count of each round (``round_schedule``)."""
+        return round_schedule(self.teacher_steps, self.target_steps)
 
 
 def x_space_weight(logsnr: Array, kind: str) -> Array:
@@ -256,23 +283,6 @@ class Round:
     student_steps: int
     teacher_steps: int
     params: Any
-
-
-def round_schedule(teacher_steps: int, target_steps: int) -> list[int]:
-    """The students' step counts, one per round: ``teacher_steps``/2, /4, … down to ``target_steps``."""
-    if target_steps < 1 or teacher_steps < target_steps:
-        raise ValueError(f"teacher_steps/target_steps: need teacher_steps >= target_steps >= 1, "
-                         f"got {teacher_steps} and {target_steps}")
-    steps, n = [], teacher_steps
-    while n > target_steps:
-        if n % 2:
-            raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k; rounds halve "
-                             f"the steps and {n} is odd")
-        n //= 2
-        steps.append(n)
-    if n != target_steps:
-        raise ValueError(f"teacher_steps: {teacher_steps} is not {target_steps}·2^k")
-    return steps
 
 
 def progressive_distillation(model_fn: ModelFn, teacher_params: Any, schedule: Schedule,

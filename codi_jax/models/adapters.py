@@ -22,7 +22,9 @@ Adapted-model config (a JSON-able dict, so it can be stored with checkpoints)::
      "cond_channels": 4,                 # channels of c
      "cond_embedding_channels": None,    # None: c is latent-sized; a tuple: hint stem, c is
                                          # 2**(len - 1) times larger (pixel space: (16, 32, 96, 256))
-     "per_level_mu": False}              # one μ per blend point instead of one global μ
+     "per_level_mu": False,              # one μ per blend point instead of one global μ
+     "mu_knots": 1}                      # 1: μ is a learned constant (the paper); K > 1: μ(t) is
+                                         # piecewise linear in t on K equally spaced knots
 """
 from __future__ import annotations
 
@@ -50,7 +52,9 @@ ADAPTERS: tuple[str, ...] = ("cond_encoder", "controlnet", "none")
 # diffusers' stem with a single stage, i.e. conv_in → SiLU → zero conv_out.
 LATENT_HINT_CHANNELS: tuple[int, ...] = (64,)
 
-_ADAPTED_KEYS = ("unet", "adapter", "cond_channels", "cond_embedding_channels", "per_level_mu")
+_ADAPTED_KEYS = ("unet", "adapter", "cond_channels", "cond_embedding_channels", "per_level_mu", "mu_knots")
+# The UNet's timestep range (diffusers' num_train_timesteps): μ(t)'s knots span [0, TIMESTEP_RANGE].
+TIMESTEP_RANGE = 1000.0
 
 
 def _check_adapted_config(config: Mapping[str, Any]) -> None:
@@ -98,13 +102,18 @@ class CondEncoder(nn.Module):
     ``cond_channels``); with ``embedding_channels`` a learned hint stem (``cond_embedding``, the
     ControlNet stem without the zero output conv) maps a larger, e.g. pixel-space, c to the first
     feature map instead. Returns ``(features, μ)``: one feature per UNet skip point plus the mid
-    output, and μ (scalar, or one per feature with ``per_level_mu``).
+    output, and μ: a scalar, or one per feature with ``per_level_mu``; with ``mu_knots`` = K > 1,
+    μ(t) is the piecewise-linear interpolation of K learned values at equally spaced t ∈ [0, 1],
+    one per example and feature, (B, features). A constant μ has to trade the low-noise steps, where
+    z_t says most and the blend should stay near 0, against t ≈ 1, where z_t is noise and only the
+    condition informs x̂ (the 1-step sampler); μ(t) needs no such compromise. All start at 0.
     """
 
     arch: UNetArch
     cond_channels: int = 4
     embedding_channels: Optional[tuple[int, ...]] = None
     per_level_mu: bool = False
+    mu_knots: int = 1
     dtype: Any = jnp.float32
     remat: Optional[str] = None
     attention_implementation: AttentionImpl = None
@@ -118,18 +127,19 @@ class CondEncoder(nn.Module):
             cond_channels=int(config.get("cond_channels", 4)),
             embedding_channels=_embedding_channels(config),
             per_level_mu=bool(config.get("per_level_mu", False)),
+            mu_knots=int(config.get("mu_knots", 1)),
             dtype=dtype,
             **options,
         )
 
     @staticmethod
-    def dummy_inputs(config: Mapping[str, Any], batch: int = 1) -> tuple[Array, Array, Optional[Array]]:
-        """(cond, temb, context) for ``init`` / ``jax.eval_shape``."""
-        sample, _, context = UNet2DConditionModel.dummy_inputs(config["unet"], batch)
+    def dummy_inputs(config: Mapping[str, Any], batch: int = 1) -> tuple[Array, Array, Array, Optional[Array]]:
+        """(cond, temb, timesteps, context) for ``init`` / ``jax.eval_shape``."""
+        sample, timesteps, context = UNet2DConditionModel.dummy_inputs(config["unet"], batch)
         size = sample.shape[1] * cond_downscale(config)
         cond = jnp.zeros((batch, size, size, int(config.get("cond_channels", 4))), jnp.float32)
         arch = UNetArch.from_config(config["unet"])
-        return cond, jnp.zeros((batch, arch.time_embed_dim), jnp.float32), context
+        return cond, jnp.zeros((batch, arch.time_embed_dim), jnp.float32), timesteps, context
 
     def setup(self) -> None:
         arch = self.arch
@@ -142,15 +152,29 @@ class CondEncoder(nn.Module):
             )
         self.down_blocks = build_down_blocks(arch, common, self.remat)
         self.mid_block = build_mid_block(arch, common, self.remat)
-        self.mu = self.param("mu", nn.initializers.zeros_init(), (arch.num_skip_points + 1,) if self.per_level_mu else ())
+        if self.mu_knots < 1:
+            raise ValueError(f"mu_knots: need at least 1, got {self.mu_knots}")
+        shape = (arch.num_skip_points + 1,) if self.per_level_mu else ()
+        self.mu = self.param("mu", nn.initializers.zeros_init(), ((self.mu_knots,) if self.mu_knots > 1 else ()) + shape)
 
     def __call__(
-        self, cond: Array, temb: Array, context: Optional[Array], deterministic: bool = True
+        self, cond: Array, temb: Array, timesteps: Array, context: Optional[Array], deterministic: bool = True
     ) -> tuple[list[Array], Array]:
         c = cond.astype(self.dtype)
         h = self.conv_in(c) if self.embedding_channels is None else self.cond_embedding(c)
         mid, skips = run_encoder(h, self.down_blocks, self.mid_block, temb, context, deterministic=deterministic)
-        return skips + [mid], self.mu
+        features = skips + [mid]
+        return features, self.gate(timesteps, cond.shape[0], len(features))
+
+    def gate(self, timesteps: Array, batch: int, num_features: int) -> Array:
+        """μ at ``timesteps`` (the UNet's units): the learned constant(s), or μ(t) (B, features)."""
+        if self.mu_knots == 1:
+            return self.mu
+        u = jnp.clip(jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,)) / TIMESTEP_RANGE, 0.0, 1.0)
+        knots = jnp.linspace(0.0, 1.0, self.mu_knots)
+        values = self.mu.reshape(self.mu_knots, -1).astype(jnp.float32)  # (K, 1 or features)
+        mu = jax.vmap(lambda v: jnp.interp(u, knots, v), in_axes=1, out_axes=1)(values)
+        return jnp.broadcast_to(mu, (batch, num_features))
 
 
 class ConditionedUNet(nn.Module):
@@ -199,7 +223,7 @@ class ConditionedUNet(nn.Module):
         ``context`` (None for models without cross-attention) → fp32 prediction shaped like ``z_t``."""
         if isinstance(self.adapter, CondEncoder):
             temb = self.unet.embed_time(timesteps, z_t.shape[0])
-            features, mu = self.adapter(cond, temb, context, deterministic)
+            features, mu = self.adapter(cond, temb, timesteps, context, deterministic)
             return self.unet(z_t, timesteps, context, encoder_features=features, encoder_mix=mu, deterministic=deterministic)
         if isinstance(self.adapter, ControlNetModel):
             down, mid = self.adapter(z_t, timesteps, context, cond, deterministic=deterministic)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -508,15 +508,28 @@ def save(
             config.setdefault("_diffusers_version", _DIFFUSERS_CONFIG_VERSION)
         _check_architecture(config, component, "config=")
     state = convert.flax_to_torch(jax.device_get(params))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+
+    def write(tmp: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         # transformers and diffusers only read safetensors files whose metadata says format "pt".
         save_file(state, os.path.join(tmp, f"{_WEIGHT_NAMES[spec.library]}.safetensors"), metadata={"format": "pt"})
+
+    return write_folder_atomically(out_dir, write)
+
+
+def write_folder_atomically(out_dir: str, write: Callable[[str], None]) -> str:
+    """Writes a folder with ``write(tmp)`` beside ``out_dir`` and swaps it into place: a reader
+    never sees a half-written folder, an interrupted write leaves ``out_dir`` as it was, and a
+    folder already there is replaced only once the new one is complete."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is meant to be shared
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "model"))

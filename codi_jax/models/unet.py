@@ -230,8 +230,9 @@ class UNetArch:
 
 
 def _blend(h: Array, feature: Array, mu: Array) -> Array:
-    """Paper eq. 10: ``(1 - μ) h + μ f``; exactly ``h`` at μ = 0."""
+    """Paper eq. 10: ``(1 - μ) h + μ f``; exactly ``h`` at μ = 0. ``μ``: a scalar or one per example."""
     mu = mu.astype(jnp.float32)
+    mu = mu.reshape(mu.shape + (1,) * (h.ndim - mu.ndim))
     return ((1.0 - mu) * h.astype(jnp.float32) + mu * feature.astype(jnp.float32)).astype(h.dtype)
 
 
@@ -618,7 +619,8 @@ class UNet2DConditionModel(nn.Module):
 
         ``down_block_additional_residuals``/``mid_block_additional_residual``: ControlNet outputs,
         added to the skips and the mid output. ``encoder_features`` (``num_skip_points + 1``
-        arrays) with ``encoder_mix`` (μ: scalar or one per feature): the CoDi blend of eq. 10.
+        arrays) with ``encoder_mix`` (μ: a scalar, one per feature, or one per example and feature
+        (B, features)): the CoDi blend of eq. 10.
         """
         arch = self.arch
         check_context(arch, encoder_hidden_states)
@@ -628,7 +630,9 @@ class UNet2DConditionModel(nn.Module):
         if encoder_features is not None:
             if len(encoder_features) != arch.num_skip_points + 1:
                 raise ValueError(f"expected {arch.num_skip_points + 1} encoder_features, got {len(encoder_features)}")
-            mix = jnp.broadcast_to(jnp.asarray(encoder_mix, jnp.float32), (len(encoder_features),))
+            mix = jnp.asarray(encoder_mix, jnp.float32)
+            # Indexed by feature: (features,), or (features, B) for a per-example μ(t).
+            mix = mix.T if mix.ndim == 2 else jnp.broadcast_to(mix, (len(encoder_features),))
         x = sample.astype(self.dtype)
         if arch.center_input_sample:
             x = 2 * x - 1.0

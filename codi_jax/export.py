@@ -1,0 +1,131 @@
+"""A distilled model as a diffusers-layout pipeline folder: ``export`` writes it, ``load_exported``
+reads it back (also the shipped ``embedded:<name>`` models).
+
+The folder holds the teacher pipeline's other components, the distilled ``unet/``, the adapter
+(``controlnet/`` in diffusers format for PE-CoDi, ``cond_encoder/`` for full CoDi), a
+``scheduler/`` and ``codi.json`` (the adapted-model config, prediction type and teacher grid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from codi_jax import models
+from codi_jax.config_lib import embedded_path, model_config
+from codi_jax.modeling import Student, Teacher, load_teacher, make_student
+from codi_jax.models.adapters import controlnet_config, init_adapted_params
+from codi_jax.models.io import write_folder_atomically
+
+
+def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.ConfigDict) -> str:
+    """Writes a diffusers-layout pipeline folder: the teacher pipeline's other components copied,
+    the distilled ``unet/``, the adapter (``controlnet/`` in diffusers format for PE-CoDi,
+    ``cond_encoder/`` for full CoDi) and ``codi.json``. Written beside ``out_dir`` and swapped
+    into place (``write_folder_atomically``): an interrupted export never looks complete, and a
+    previous export stays until the new one is whole."""
+    from safetensors.numpy import save_file
+
+    teacher = student.teacher
+    params = jax.device_get(params)
+
+    def write(tmp: str) -> None:
+        if teacher.root:
+            for entry in os.listdir(teacher.root):
+                src = os.path.join(teacher.root, entry)
+                # The teacher's own model card (README.md) does not describe the distilled model.
+                if entry not in ("unet", "controlnet", "cond_encoder", "codi.json", "README.md") \
+                        and not entry.startswith("."):
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
+        models.save(student.module.unet, params["unet"], os.path.join(tmp, "unet"), "unet",
+                    config=teacher.unet_config)
+        adapter = student.config["adapter"]
+        if adapter == "controlnet":
+            models.save(student.module.adapter, params["adapter"], os.path.join(tmp, "controlnet"),
+                        "controlnet", config=controlnet_config(student.config))
+        elif adapter == "cond_encoder":
+            os.makedirs(os.path.join(tmp, "cond_encoder"))
+            flat = traverse_util.flatten_dict(params["adapter"], sep="/")
+            # ascontiguousarray turns μ's 0-d array into shape (1,): keep the original shape.
+            save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()},
+                      os.path.join(tmp, "cond_encoder", "model.safetensors"))
+        if teacher.latent and not os.path.exists(os.path.join(tmp, "vae")):
+            # A teacher trained from scratch in a separately trained VAE's space (no pipeline root).
+            models.save(teacher.vae, jax.device_get(teacher.vae_params), os.path.join(tmp, "vae"), "vae")
+        if not os.path.exists(os.path.join(tmp, "scheduler")):
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+                json.dump(_scheduler_config(teacher), f, indent=2)
+        index_path = os.path.join(tmp, "model_index.json")
+        index = json.load(open(index_path)) if os.path.exists(index_path) else {"_class_name": "CoDiPipeline"}
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        if teacher.latent:
+            index["vae"] = ["diffusers", "AutoencoderKL"]
+        index["scheduler"] = index.get("scheduler", ["diffusers", "DDIMScheduler"])
+        if adapter == "controlnet":
+            index["controlnet"] = ["diffusers", "ControlNetModel"]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "codi.json"), "w") as f:
+            json.dump({"adapted_config": {k: v for k, v in student.config.items() if k != "unet"},
+                       "prediction_type": teacher.prediction_type, "grid": cfg.distill.grid,
+                       "text_layer": student.text_layer}, f, indent=2, default=list)
+
+    return write_folder_atomically(out_dir, write)
+
+
+def _scheduler_config(teacher: Teacher) -> dict:
+    config = {"_class_name": "DDIMScheduler", "prediction_type": teacher.prediction_type,
+              "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}
+    if teacher.schedule.name in ("scaled_linear", "linear"):
+        betas = 1.0 - teacher.schedule.alphas_cumprod / np.concatenate([[1.0], teacher.schedule.alphas_cumprod[:-1]])
+        # The betas were built in float32; 6 significant digits recover the configured values.
+        config.update(beta_schedule=teacher.schedule.name, num_train_timesteps=len(betas),
+                      beta_start=float(f"{betas[0]:.6g}"), beta_end=float(f"{betas[-1]:.6g}"))
+    return config
+
+
+def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dict, int]:
+    """Reads an ``export`` folder: returns (student, params, aux params, teacher grid).
+
+    ``model_overrides`` set ``cfg.model`` fields such as ``dtype``. The adapter's weights are
+    checked against the shapes the adapted config implies before anything is returned.
+    """
+    if path.startswith("embedded:"):  # a model shipped in codi_jax/assets, e.g. "embedded:demo_codi_sr"
+        path = embedded_path(path.split(":", 1)[1])
+    with open(os.path.join(path, "codi.json")) as f:
+        meta = json.load(f)
+    m = model_config()
+    m.pretrained = path
+    m.prediction_type = meta["prediction_type"]
+    m.text_layer = meta.get("text_layer", "last")
+    for k, v in model_overrides.items():
+        setattr(m, k, v)
+    teacher = load_teacher(m, jax.random.PRNGKey(0))
+    config = dict(meta["adapted_config"], unet=teacher.unet_config)
+    student = make_student(m, teacher, config)
+    params = {"unet": teacher.unet_params}
+    if config["adapter"] == "controlnet":
+        _, params["adapter"] = models.load(path, "controlnet")
+    elif config["adapter"] == "cond_encoder":
+        from safetensors.numpy import load_file
+
+        expected = jax.eval_shape(lambda: init_adapted_params(config, teacher.unet_params, jax.random.PRNGKey(0)))
+        flat = load_file(os.path.join(path, "cond_encoder", "model.safetensors"))
+        want = traverse_util.flatten_dict(expected["adapter"], sep="/")
+        bad = sorted(set(want) ^ set(flat)) + sorted(k for k in set(want) & set(flat)
+                                                    if tuple(want[k].shape) != flat[k].shape)
+        if bad:
+            raise ValueError(f"{path}/cond_encoder does not match codi.json's adapted config: {bad[:10]}")
+        # float32 master weights, as models.load gives the other components (files may be float16).
+        params["adapter"] = traverse_util.unflatten_dict(
+            {k: jnp.asarray(v, want[k].dtype) for k, v in flat.items()}, sep="/")
+    return student, params, student.aux_params(), int(meta["grid"])

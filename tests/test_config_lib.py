@@ -1,0 +1,37 @@
+"""Presets compose (comma-separated, any order, key=value last) and every objective's section is its
+config dataclass's defaults."""
+
+import dataclasses
+
+import pytest
+
+from codi_jax import config_lib
+from codi_jax.distill import CMLossConfig, CoDiLossConfig, ProgressiveLossConfig
+
+
+def test_presets_compose_in_a_fixed_order():
+    a = config_lib.task_config("sr", "sd15,pe")
+    b = config_lib.task_config("sr", "pe,sd15")
+    assert a.to_dict() == b.to_dict()
+    assert a.model.pretrained.endswith("stable-diffusion-v1-5") and a.model.adapter == "controlnet"
+    assert a.model.trainable == "adapter" and a.train.lr == 8e-6
+    # minimal shrinks whatever recipe came before it; key=value comes after every preset.
+    c = config_lib.task_config("sr", "finetune,minimal,train.num_steps=5,eval.steps=(1,4)")
+    assert c.objective == "diffusion" and c.data.image_size == 32
+    assert c.train.num_steps == 5 and tuple(c.eval.steps) == (1, 4)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("sd15,sd21", "exclude each other"), ("finetune,gd", "exclude each other"),
+    ("nonsense", "unknown preset"), ("train.no_such_key=1", "unknown keys"),
+])
+def test_bad_presets_are_named(arg, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.task_config("sr", arg)
+
+
+def test_objective_sections_are_the_dataclass_defaults():
+    c = config_lib.base_config()
+    assert c.distill.to_dict() == dataclasses.asdict(CoDiLossConfig(timestep_sampling="sample"))
+    assert c.cm.to_dict() == dataclasses.asdict(CMLossConfig())
+    assert ProgressiveLossConfig.from_mapping(c.gd.to_dict()) == ProgressiveLossConfig()
