@@ -32,8 +32,7 @@ from codi_jax import models, sharding
 from codi_jax.distill import ema_update
 from codi_jax.models.vae import AutoencoderKL
 from codi_jax.train import (Preempted, PreemptionFlag, append_jsonl, check_resumable, checkpoint_manager,
-                            evaluation_decay, make_optimizer, restore_latest, save_checkpoint,
-                            stored_config)
+                            evaluation_decay, make_optimizer, restore_latest, save_checkpoint)
 
 
 def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
@@ -134,9 +133,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "ema": p, "opt_state": tx.init(p)}
     state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh, cfg.mesh.min_shard_size)
     state = jax.jit(init, out_shardings=state_sh)(params)
-    previous = stored_config(workdir)
-    if previous is not None:
-        check_resumable(previous, cfg)
+    check_resumable(workdir, cfg)
     mgr = checkpoint_manager(workdir, cfg)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     restored = restore_latest(mgr, abstract)

@@ -312,8 +312,12 @@ def stored_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
 
 
-def check_resumable(stored: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict) -> None:
-    """Refuses to continue a workdir's checkpoints with a config that differs in ``RESUME_KEYS``."""
+def check_resumable(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+    """Refuses to continue ``workdir``'s checkpoints with a config that differs from theirs in
+    ``RESUME_KEYS`` (a workdir without checkpoints accepts any config)."""
+    stored = stored_config(workdir)
+    if stored is None:
+        return
     old = traverse_util.flatten_dict(_json_record(stored.to_dict()), sep=".")
     new = traverse_util.flatten_dict(_json_record(cfg.to_dict()), sep=".")
     keys = sorted(k for k in set(old) | set(new) if any(k == r or k.startswith(r + ".") for r in RESUME_KEYS))
@@ -451,9 +455,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     exports. Returns the evaluation results; raises ``Preempted`` when SIGTERM stopped it."""
     from codi_jax import data as data_lib
 
-    previous = stored_config(workdir)
-    if previous is not None:  # before anything is built: a refused resume costs nothing
-        check_resumable(previous, cfg)
+    check_resumable(workdir, cfg)  # before anything is built: a refused resume costs nothing
     rounds = training_rounds(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if cfg.train.batch_size % (mesh.size * cfg.train.grad_accum):
@@ -567,9 +569,7 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
 
 def _restore_for(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, dict]:
     """The setup of ``cfg`` and the newest checkpoint of ``workdir`` (``mode=eval`` / ``export``)."""
-    previous = stored_config(workdir)
-    if previous is not None:
-        check_resumable(previous, cfg)
+    check_resumable(workdir, cfg)
     parts = setup(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
     restored = restore_latest(checkpoint_manager(workdir, cfg), parts.abstract_state())
     if restored is None:
