@@ -7,6 +7,10 @@ Diffusion Models", App. G): ``|x − D(z)|₁ + w₂ ‖x − D(z)‖² + w_KL K
 z ~ q(z|x) and SD's tiny KL weight, without the adversarial and LPIPS terms (no offline weights
 for the latter; both trade PSNR for sharpness, and PSNR is what the SR evaluation measures).
 
+It trains a new autoencoder from ``model.vae_config``, or fine-tunes the trained one of
+``model.vae``: all of it, or (``autoencoder.trainable="decoder"``) the decoder only, the encoder
+and so the latent space that models were trained in kept, bit for bit, with its ``scaling_factor``.
+
 The loop is the trainer's (``train.make_optimizer``, orbax checkpoints with resume, SIGTERM,
 non-finite steps never applied, evaluation every ``eval.every`` steps to TensorBoard and
 ``eval_log.jsonl``). At the end the latent scale is measured as SD did (``scaling_factor`` =
@@ -31,8 +35,9 @@ from clu import metric_writers, periodic_actions
 from codi_jax import models, sharding
 from codi_jax.distill import ema_update
 from codi_jax.models.vae import AutoencoderKL
-from codi_jax.train import (Preempted, PreemptionFlag, append_jsonl, check_resumable, checkpoint_manager,
-                            evaluation_decay, make_optimizer, restore_latest, save_checkpoint)
+from codi_jax.modeling import load_vae
+from codi_jax.train import (Preempted, PreemptionFlag, append_jsonl, check_resumable, checkpoint_manager, combine,
+                            evaluation_decay, make_optimizer, partition, restore_latest, save_checkpoint)
 
 
 def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
@@ -55,12 +60,28 @@ def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
     return loss
 
 
+# The parts of an AutoencoderKL that map latents to pixels: what ``autoencoder.trainable="decoder"``
+# trains (the rest, encoder and quant_conv, fixes the latent space).
+DECODER_PARTS = ("post_quant_conv", "decoder")
+TRAINABLE = ("all", "decoder")
+
+
+def trainable_mask(params: dict, trainable: str) -> dict:
+    """``params``-shaped booleans: True where ``autoencoder.trainable`` trains the parameter."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"autoencoder.trainable: unknown value {trainable!r}; known: {list(TRAINABLE)}")
+    return {part: jax.tree.map(lambda _: trainable == "all" or part in DECODER_PARTS, tree)
+            for part, tree in params.items()}
+
+
 def make_train_step(vae: AutoencoderKL, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+    """``step(state, frozen, images, base_rng)``: ``state`` holds the trainable params only."""
     loss_fn = make_loss(vae, cfg)
 
-    def step(state, images, base_rng):
+    def step(state, frozen, images, base_rng):
         rng = jax.random.fold_in(base_rng, state["step"])
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], images, rng)
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: loss_fn(combine(p, frozen), images, rng), has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
@@ -125,15 +146,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     and exports ``workdir/export/vae``."""
     from codi_jax import data as data_lib
 
+    check_resumable(workdir, cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    vae_config = dict(cfg.model.vae_config.to_dict(), _class_name="AutoencoderKL")
-    vae = AutoencoderKL.from_config(vae_config, jnp.dtype(cfg.model.dtype))
-    params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *AutoencoderKL.dummy_inputs(vae_config))["params"]
+    if cfg.model.vae:  # fine-tune a trained VAE (its own config; model.vae_config is not read)
+        loaded, params = load_vae(cfg.model.vae)
+        vae_config = models.module_config(loaded, "vae")
+        vae = AutoencoderKL.from_config(vae_config, jnp.dtype(cfg.model.dtype))
+    else:
+        if cfg.autoencoder.trainable != "all":
+            raise ValueError(f"autoencoder.trainable={cfg.autoencoder.trainable!r} fine-tunes part of a "
+                             "trained VAE: set model.vae to it")
+        vae_config = dict(cfg.model.vae_config.to_dict(), _class_name="AutoencoderKL")
+        vae = AutoencoderKL.from_config(vae_config, jnp.dtype(cfg.model.dtype))
+        params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *AutoencoderKL.dummy_inputs(vae_config))["params"]
+    trainable, frozen = partition(params, trainable_mask(params, cfg.autoencoder.trainable))
     tx, schedule = make_optimizer(cfg.train)
     init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "ema": p, "opt_state": tx.init(p)}
-    state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh, cfg.mesh.min_shard_size)
-    state = jax.jit(init, out_shardings=state_sh)(params)
-    check_resumable(workdir, cfg)
+    state_sh = sharding.tree_shardings(jax.eval_shape(init, trainable), mesh, cfg.mesh.min_shard_size)
+    state = jax.jit(init, out_shardings=state_sh)(trainable)
+    frozen_sh = sharding.tree_shardings(frozen, mesh, cfg.mesh.min_shard_size)
+    frozen = jax.device_put(frozen, frozen_sh)
     mgr = checkpoint_manager(workdir, cfg)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     restored = restore_latest(mgr, abstract)
@@ -142,7 +174,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("resumed from step %d", int(state["step"]))
     start = int(state["step"])
     step_fn = jax.jit(make_train_step(vae, cfg, tx),
-                      in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                      in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -152,7 +184,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     preempted = PreemptionFlag()
 
     def log_eval(step: int) -> dict:
-        results = evaluate(vae, state["ema"], cfg, mesh)
+        results = evaluate(vae, combine(state["ema"], frozen), cfg, mesh)
         writer.write_scalars(step, {f"eval/{split}_{k}": v for split, m in results.items()
                                     for k, v in m.items()})
         append_jsonl(workdir, "eval_log.jsonl", {"step": step, **results})
@@ -162,7 +194,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         for step in range(start, cfg.train.num_steps):
             batch = sharding.global_batch({"image": next(batches)["image"]}, mesh)
-            state, metrics = step_fn(state, batch["image"], base_rng)
+            state, metrics = step_fn(state, frozen, batch["image"], base_rng)
             report(step + 1)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
@@ -186,15 +218,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         preempted.restore()
 
     results = log_eval(int(state["step"]))
-    std = latent_std(vae, state["ema"], cfg, mesh)
+    final = combine(state["ema"], frozen)
+    std = latent_std(vae, final, cfg, mesh)
     results["latent_std"] = std
-    results["scaling_factor"] = float(f"{1.0 / std:.5g}")
+    # A frozen encoder keeps its latents, and so the scale the models trained on them use.
+    results["scaling_factor"] = (float(vae_config["scaling_factor"]) if cfg.autoencoder.trainable == "decoder"
+                                 else float(f"{1.0 / std:.5g}"))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(dict(results, step=int(state["step"])), f, indent=2)
         if cfg.export:
             config = dict(vae_config, scaling_factor=results["scaling_factor"])
-            models.save(vae, jax.device_get(state["ema"]), os.path.join(workdir, "export", "vae"), "vae",
+            models.save(vae, jax.device_get(final), os.path.join(workdir, "export", "vae"), "vae",
                         config=config)
     writer.flush()
     return results

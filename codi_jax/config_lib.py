@@ -96,7 +96,8 @@ def model_config() -> ml_collections.ConfigDict:
     m.pretrained = EMBEDDED_TEACHER  # diffusers pipeline folder, hub id or embedded:<name>
     m.unet_config = ml_collections.ConfigDict(MINI_UNET)  # used when pretrained is ""
     # A VAE (folder or embedded:<name>) for a teacher built from unet_config (pretrained ""):
-    # latent pretraining. With pretrained set, the pipeline's own vae/ is used.
+    # latent pretraining; with objective "autoencoder", the trained VAE to fine-tune. With
+    # pretrained set, the pipeline's own vae/ is used.
     m.vae = ""
     m.vae_config = ml_collections.ConfigDict(MINI_VAE)  # objective "autoencoder"
     m.init = "pretrained"           # pretrained | random (the §5.1 "random init" ablation)
@@ -155,8 +156,11 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.data.augment.scale_range = (0.5, 1.0)
     c.data.augment.color_jitter = 0.1
 
-    # Objective "autoencoder": LDM's reconstruction terms and KL weight (see autoencoder.py).
-    c.autoencoder = ml_collections.ConfigDict(dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6))
+    # Objective "autoencoder": LDM's reconstruction terms and KL weight (see autoencoder.py), and
+    # what trains: "all", or "decoder" (the encoder frozen, so its latent space, and every model
+    # trained in it, stays valid). It starts from model.vae when set, else from random weights.
+    c.autoencoder = ml_collections.ConfigDict(dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6,
+                                                   trainable="all"))
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16               # global batch
@@ -194,6 +198,9 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.eval.num_examples = 64
     c.eval.grid_examples = 8
     c.eval.samplers = ("codi",)           # codi | ddim | dpmpp | cm | stochastic, see sampling.py
+    # SR: also score every output after the wavelet colour fix of diffusion SR pipelines (its low
+    # frequencies from the bicubic input; color_fix.py), as "<sampler>+colorfix" beside the raw one.
+    c.eval.color_fix = True
     # Distribution metrics over the whole eval set: multi-scale SWD (no network needed) always;
     # FID / LPIPS only with the user's weight files (see codi_jax/metrics), else "not computed".
     c.eval.swd = True
@@ -249,19 +256,34 @@ def _gd(c: ml_collections.ConfigDict) -> None:
     c.eval.samplers = ("ddim", "stochastic")
 
 
-# Every preset, in the order they are applied whatever the order they are named in: the model
-# recipe, then the method, then the run size (so ``minimal`` shrinks whatever came before).
-PRESETS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
-    "sd15": lambda c: apply_stable_diffusion(c, "sd15"),
-    "sd21": lambda c: apply_stable_diffusion(c, "sd21"),
+# The method and run-size presets, in the order they are applied whatever the order they are
+# named in (after the task config's model recipes, e.g. configs/stable_diffusion.py): the method,
+# then the run size (so ``minimal`` shrinks whatever came before).
+Preset = Callable[[ml_collections.ConfigDict], Any]
+PRESETS: dict[str, Preset] = {
     "pe": _pe,
     "finetune": _finetune,
     "cm": _cm,
     "gd": _gd,
     "minimal": make_minimal,
 }
-# Presets that set the same thing: at most one of each group.
-EXCLUSIVE_PRESETS = (("sd15", "sd21"), ("finetune", "cm", "gd"))
+# Presets that set the same thing: at most one of each group (and at most one model recipe).
+EXCLUSIVE_PRESETS = (("finetune", "cm", "gd"),)
+
+
+def config_module(config_file: str, name: str) -> Any:
+    """The module ``<name>.py`` beside the config file ``config_file`` (a task config's
+    ``__file__``): config files are loaded by path, not imported as a package, so this is how
+    they share a recipe (``configs/stable_diffusion.py``)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config: no {name}.py beside {config_file}")
+    spec = importlib.util.spec_from_file_location(f"codi_jax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -277,11 +299,13 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [current]
 
 
-def parse_arg(arg: str | None) -> tuple[list[str], dict[str, Any]]:
+def parse_arg(arg: str | None, recipes: dict[str, Preset] | None = None) -> tuple[list[str], dict[str, Any]]:
     """``"sd15,pe,train.lr=1e-5"`` → (presets in application order, {dotted key: value}).
 
+    ``recipes``: the task config's model recipes (e.g. ``sd15``), applied before ``PRESETS``.
     Values are Python literals where they parse as one (numbers, booleans, tuples), else strings.
     """
+    known = {**(recipes or {}), **PRESETS}
     presets, overrides = [], {}
     for item in filter(None, (part.strip() for part in _split_top_level(arg or ""))):
         if "=" in item:
@@ -290,22 +314,24 @@ def parse_arg(arg: str | None) -> tuple[list[str], dict[str, Any]]:
                 overrides[key.strip()] = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):
                 overrides[key.strip()] = value.strip()
-        elif item in PRESETS:
+        elif item in known:
             presets.append(item)
         else:
-            raise ValueError(f"config: unknown preset {item!r}; known: {list(PRESETS)} (or key=value)")
-    for group in EXCLUSIVE_PRESETS:
+            raise ValueError(f"config: unknown preset {item!r}; known: {list(known)} (or key=value)")
+    for group in EXCLUSIVE_PRESETS + (tuple(recipes or ()),):
         chosen = [p for p in group if p in presets]
         if len(chosen) > 1:
             raise ValueError(f"config: presets {chosen} exclude each other; pick one of {list(group)}")
-    return sorted(set(presets), key=list(PRESETS).index), overrides
+    return sorted(set(presets), key=list(known).index), overrides
 
 
-def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def task_config(task: str, arg: str | None = None, recipes: dict[str, Preset] | None = None
+                ) -> ml_collections.ConfigDict:
     """The embedded CoDi setup of ``task`` with the presets and overrides of ``arg``
     (``configs/<task>.py:<arg>``; comma-separated, e.g. ``sd15,pe`` or ``finetune,minimal``):
 
-    * ``sd15`` / ``sd21`` — the Stable Diffusion recipes (``apply_stable_diffusion``);
+    * ``recipes`` — the task config's model recipes, e.g. ``sd15`` / ``sd21`` of
+      ``configs/stable_diffusion.py`` (at most one);
     * ``pe`` — PE-CoDi: ControlNet adapter, UNet frozen;
     * ``finetune`` — the baselines' conditional teacher: the adapted model trained with the
       diffusion loss, sampled with DDIM / DPM-Solver++ up to 200 steps;
@@ -315,50 +341,13 @@ def task_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     * ``key=value`` — any config field (``train.lr=1e-5``), applied after the presets.
     """
     c = base_config(task)
-    presets, overrides = parse_arg(arg)
+    presets, overrides = parse_arg(arg, recipes)
+    known = {**(recipes or {}), **PRESETS}
     for name in presets:
-        PRESETS[name](c)
+        known[name](c)
     flat = set(traverse_util.flatten_dict(c.to_dict(), sep="."))
     unknown = sorted(k for k in overrides if k not in flat)
     if unknown:
         raise ValueError(f"config: unknown keys {unknown} in {arg!r}")
     c.update_from_flattened_dict(overrides)
-    return c
-
-
-def apply_stable_diffusion(c: ml_collections.ConfigDict, version: str) -> ml_collections.ConfigDict:
-    """Switches ``c`` to a Stable Diffusion recipe (``sd15`` or ``sd21``).
-
-    Defaults follow the paper (§5; teacher grid, single t per batch, PREv, latent-l2 CG) and the
-    public CoDi recipe: AdamW lr 8e-6, EMA 0.99995, grid N = 20, bf16 compute.
-    """
-    repos = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-             "sd21": "stabilityai/stable-diffusion-2-1"}
-    if version not in repos:
-        raise ValueError(f"config: unknown Stable Diffusion preset {version!r}; known: {sorted(repos)}")
-    c.model.pretrained = repos[version]
-    c.model.dtype = "bfloat16"
-    c.model.remat = "nothing_saveable"
-    # SD 2.x checkpoints already drop the last OpenCLIP layer: "last" is what the pipeline uses.
-    c.model.text_layer = "last"
-    c.model.cond_input = "latent"
-    c.data.image_size = 512 if version == "sd15" else 768
-    # The embedded set's augmentations are for a handful of pictures; a real dataset gets the
-    # usual random crop and flip only.
-    c.data.augment = data_default_config(c.data.task).augment
-    c.eval.splits = ()
-    c.distill.timestep_sampling = "batch"
-    c.train.lr = 8e-6
-    c.train.ema_decay = 0.99995
-    c.train.mu_lr_scale = 1.0
-    c.train.batch_size = 64
-    c.train.num_steps = 100_000
-    c.train.warmup_steps = 1000
-    c.train.weight_decay = 1e-2
-    c.train.log_every = 100
-    c.train.checkpoint_every = 2000
-    c.eval.every = 5000
-    c.eval.batch_size = 8
-    c.eval.num_examples = 256
-    c.mesh.fsdp = 8
     return c

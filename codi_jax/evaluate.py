@@ -6,7 +6,8 @@ PSNR, SSIM and sharpness (gradient energy) against the targets, a multi-scale pa
 samples and the targets, and FID / LPIPS when their weight files are configured ("not computed"
 otherwise), in ``<name>.json`` and TensorBoard, plus a sample grid PNG (condition | one column per
 sampler and step count | target). The task's trivial baseline (``TRIVIAL_BASELINES``) is scored
-beside them as ``condition``.
+beside them as ``condition``; with ``eval.color_fix``, SR outputs are scored a second time after
+the wavelet colour fix (``codi_jax.color_fix``), as ``<sampler>+colorfix``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from codi_jax import metrics, sharding
+from codi_jax import color_fix, metrics, sharding
 from codi_jax.distill import CMLossConfig
 from codi_jax.modeling import Student
 from codi_jax.sampling import JittedSamplers
@@ -133,6 +134,13 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     fns = {(s, n): samplers.get(s, cm.grid if s == "cm" else cfg.distill.grid, n, cm)
            for s in cfg.eval.samplers for n in steps}
     metric_fn = jax.jit(_metrics)
+    conditional = student.config["adapter"] != "none"  # else: pretraining, no input to show
+    # SR outputs are also scored with the wavelet colour fix (low frequencies from the bicubic
+    # input, color_fix.py) as "<sampler>+colorfix", beside the raw outputs.
+    fix_fn = None
+    if cfg.eval.color_fix and conditional and cfg.data.task == "sr":
+        levels = color_fix.levels_for_scale(cfg.data.sr.scale)
+        fix_fn = jax.jit(lambda images, cond: color_fix.wavelet_color_fix(images, cond[..., :3], levels))
     dist = DistributionMetrics(cfg)
     totals: dict[Any, dict[str, float]] = {}
     grid_rows = None
@@ -156,8 +164,10 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
         for (s, n), fn in fns.items():
             outputs[(s, n)] = fn(params, aux, batch, rng)
             accumulate((s, n), outputs[(s, n)], batch)
+            if fix_fn is not None:
+                outputs[(f"{s}+colorfix", n)] = fix_fn(outputs[(s, n)], batch["cond"])
+                accumulate((f"{s}+colorfix", n), outputs[(f"{s}+colorfix", n)], batch)
         dist.add("target", batch["image"], batch["image"], batch["mask"])
-        conditional = student.config["adapter"] != "none"  # else: pretraining, no input to show
         if conditional and cfg.data.task in TRIVIAL_BASELINES:
             accumulate("condition", batch["cond"][..., :3], batch)
         if b == 0:

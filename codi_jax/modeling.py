@@ -68,6 +68,14 @@ class Teacher:
         return self.vae is not None
 
 
+def load_vae(path: str) -> tuple[Any, dict]:
+    """The ``AutoencoderKL`` of ``path``: a pipeline folder (its ``vae/``), ``embedded:<name>``, or
+    the VAE's own folder."""
+    root = resolve_pipeline(path)
+    folder = os.path.join(root, "vae") if os.path.isdir(os.path.join(root, "vae")) else root
+    return models.load(folder, "vae")
+
+
 def load_teacher(m: ml_collections.ConfigDict, rng: Array) -> Teacher:
     """Loads (or, with ``pretrained=""``, randomly initialises) the teacher of the model config
     ``m`` (a config's ``model`` section, ``config_lib.model_config``)."""
@@ -78,9 +86,7 @@ def load_teacher(m: ml_collections.ConfigDict, rng: Array) -> Teacher:
         teacher = Teacher(unet_config, params, diffusion.get_schedule(m.schedule),
                           m.prediction_type or "v_prediction")
         if m.vae:  # a latent model trained from scratch in a pretrained VAE's space
-            root = resolve_pipeline(m.vae)  # a pipeline folder, one with vae/, or the VAE's own
-            folder = os.path.join(root, "vae") if os.path.isdir(os.path.join(root, "vae")) else root
-            teacher.vae, teacher.vae_params = models.load(folder, "vae")
+            teacher.vae, teacher.vae_params = load_vae(m.vae)
         return teacher
     root = resolve_pipeline(m.pretrained)
     source = root if os.path.isdir(root) and os.path.exists(os.path.join(root, "unet")) else m.pretrained

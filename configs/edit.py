@@ -12,13 +12,15 @@ Presets compose (``--config=configs/edit.py:<preset>[,<preset>...][,key=value...
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
   Not yet measured on this teacher.
 * ``pe`` — the same with PE-CoDi (ControlNet adapter, UNet frozen); ``minimal`` — tens of steps (tests).
-* ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 recipes (see configs/sr.py for the
-  defaults and where they come from); bring data with ``--config.data.source=folder:<path>`` or
+* ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 recipes (configs/stable_diffusion.py:
+  the defaults and where they come from); bring data with ``--config.data.source=folder:<path>`` or
   ``tfds:<name>``.
 """
 
 from codi_jax import config_lib
 
+stable_diffusion = config_lib.config_module(__file__, "stable_diffusion")
+
 
 def get_config(arg: str | None = None):
-    return config_lib.task_config("edit", arg)
+    return config_lib.task_config("edit", arg, stable_diffusion.RECIPES)

@@ -7,7 +7,10 @@ pictures and procedural pictures (augmented), with the reconstruction objective 
 (``eval``) and the held-out procedural ones (``eval_procedural``) every ``eval.every`` steps
 (``eval_log.jsonl``); and writes ``runs/vae/export/vae`` with the measured ``scaling_factor``.
 That folder is the ``vae/`` of ``codi_jax/assets/mini_sd`` (its README has the numbers and the
-curve). Presets: ``minimal`` (a few steps; tests).
+curve). Presets: ``minimal`` (a few steps; tests). ``--config.model.vae=<VAE or pipeline folder,
+or embedded:mini_sd>`` fine-tunes a trained autoencoder instead, and
+``--config.autoencoder.trainable=decoder`` its decoder only (the encoder, and so the latent space
+the teacher was trained in, frozen); the mini_sd README says what those gave.
 """
 
 from codi_jax import config_lib

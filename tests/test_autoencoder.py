@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from codi_jax import autoencoder, config_lib, models
 from codi_jax.models.vae import AutoencoderKL
@@ -55,3 +56,30 @@ def test_short_run_resumes_evaluates_and_exports(tmp_path):
     assert vae.scaling_factor == results["scaling_factor"] > 0
     rec = autoencoder.reconstruct(vae, params, jnp.zeros((1, 16, 16, 3)))
     assert rec.shape == (1, 16, 16, 3) and bool(jnp.all(jnp.isfinite(rec)))
+
+    # Decoder fine-tuning from that export: the encoder (so the latent space and its scale) is
+    # untouched, bit for bit, and the decoder moves.
+    tuned_dir = str(tmp_path / "decoder")
+    cfg = tiny_vae_config(2)
+    cfg.model.vae = os.path.join(workdir, "export", "vae")
+    cfg.autoencoder.trainable = "decoder"
+    cfg.train.lr = 1e-2
+    tuned = autoencoder.train_and_evaluate(cfg, tuned_dir)
+    _, tuned_params = models.load(os.path.join(tuned_dir, "export", "vae"), "vae")
+    assert tuned["scaling_factor"] == vae.scaling_factor
+    for part in ("encoder", "quant_conv"):
+        for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(tuned_params[part])):
+            np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["decoder"]),
+                                                       jax.tree.leaves(tuned_params["decoder"])))
+
+
+def test_decoder_training_needs_a_trained_vae(tmp_path):
+    cfg = tiny_vae_config(2)
+    cfg.autoencoder.trainable = "decoder"
+    with pytest.raises(ValueError, match="set model.vae"):
+        autoencoder.train_and_evaluate(cfg, str(tmp_path))
+    assert autoencoder.trainable_mask({"decoder": {"w": 0}, "encoder": {"w": 0}}, "decoder") == {
+        "decoder": {"w": True}, "encoder": {"w": False}}
+    with pytest.raises(ValueError, match="trainable"):
+        autoencoder.trainable_mask({}, "encoders")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from codi_jax import experiments, report, sharding, train
-from test_train import _checkpoint, tiny_config
+from test_train import _checkpoint
+from tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,10 @@ def test_reproduction_smoke_runs_the_baselines_and_writes_the_report(tmp_path):
     variants = [v for v in experiments.VARIANTS if v.name in wanted]
     summaries = experiments.run_all(str(tmp_path / "runs"), variants, smoke=True)
     assert set(summaries) == wanted
-    assert set(summaries["teacher"]["results"]["samplers"]) == {"ddim", "dpmpp"}
-    assert set(summaries["gd"]["results"]["samplers"]) == {"ddim", "stochastic"}
+    # SR: each sampler is also scored after the colour fix.
+    assert set(summaries["teacher"]["results"]["samplers"]) == {"ddim", "dpmpp", "ddim+colorfix", "dpmpp+colorfix"}
+    assert set(summaries["gd"]["results"]["samplers"]) == {"ddim", "stochastic", "ddim+colorfix",
+                                                            "stochastic+colorfix"}
     for s in summaries.values():
         for entries in s["results"]["samplers"].values():
             for e in entries.values():

@@ -2,23 +2,34 @@
 config dataclass's defaults."""
 
 import dataclasses
+import os
 
 import pytest
 
 from codi_jax import config_lib
 from codi_jax.distill import CMLossConfig, CoDiLossConfig, ProgressiveLossConfig
 
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def task_config(arg, task="sr"):
+    """What ``--config=configs/<task>.py:<arg>`` builds."""
+    return config_lib.config_module(os.path.join(CONFIGS, f"{task}.py"), task).get_config(arg)
+
 
 def test_presets_compose_in_a_fixed_order():
-    a = config_lib.task_config("sr", "sd15,pe")
-    b = config_lib.task_config("sr", "pe,sd15")
+    a = task_config("sd15,pe")
+    b = task_config("pe,sd15")
     assert a.to_dict() == b.to_dict()
     assert a.model.pretrained.endswith("stable-diffusion-v1-5") and a.model.adapter == "controlnet"
     assert a.model.trainable == "adapter" and a.train.lr == 8e-6
     # minimal shrinks whatever recipe came before it; key=value comes after every preset.
-    c = config_lib.task_config("sr", "finetune,minimal,train.num_steps=5,eval.steps=(1,4)")
+    c = task_config("finetune,minimal,train.num_steps=5,eval.steps=(1,4)")
     assert c.objective == "diffusion" and c.data.image_size == 32
     assert c.train.num_steps == 5 and tuple(c.eval.steps) == (1, 4)
+    # Every task config has the Stable Diffusion recipes.
+    for task in ("depth", "inpaint", "edit"):
+        assert task_config("sd21,pe", task).model.pretrained == "stabilityai/stable-diffusion-2-1"
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -27,7 +38,7 @@ def test_presets_compose_in_a_fixed_order():
 ])
 def test_bad_presets_are_named(arg, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.task_config("sr", arg)
+        task_config(arg)
 
 
 def test_objective_sections_are_the_dataclass_defaults():

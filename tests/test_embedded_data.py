@@ -36,6 +36,10 @@ def test_held_out_pictures_are_never_in_training():
     # Fixed crops: a second source yields the same pixels.
     again = embedded.EmbeddedSource("eval", cfg.embedded, 32, depth=False, process_index=0, process_count=1)
     assert np.array_equal(again.load(5).image, held_out.load(5).image)
+    # Interleaved by picture: the first len(HELD_OUT_IMAGES) records (a short evaluation, the grid's
+    # first rows) already show every held-out picture.
+    first = [held_out.load(i).text for i in range(len(embedded.HELD_OUT_IMAGES))]
+    assert first == list(embedded.HELD_OUT_IMAGES)
 
 
 def test_procedural_pictures_are_deterministic_and_disjoint_from_training():
@@ -102,6 +106,21 @@ def test_scale_and_colour_jitter():
     assert any(np.array_equal(crop, src.image[y:y + 32, x:x + 32]) or
                np.array_equal(crop, src.image[y:y + 32, x:x + 32][:, ::-1])
                for y in range(17) for x in range(9))  # without augmentation: a plain crop
+
+
+def test_channel_permutation_permutes_the_same_crop():
+    src = _Source(depth=False)
+    plain = pipeline.ExampleLoader(src, get_task("sr"), small_cfg("sr", size=32), training=True, seed=0)
+    permuting = pipeline.ExampleLoader(src, get_task("sr"), small_cfg("sr", size=32, channel_permute=True),
+                                       training=True, seed=0)
+    orders = set()
+    for g in range(12):
+        a, b = plain._prepare(0, g)[0], permuting._prepare(0, g)[0]
+        # The same crop (the permutation is drawn last), its channels reordered.
+        order = tuple(next(i for i in range(3) if np.array_equal(b[..., c], a[..., i])) for c in range(3))
+        assert sorted(order) == [0, 1, 2]
+        orders.add(order)
+    assert len(orders) > 2
 
 
 @pytest.mark.parametrize("split", ["eval", "eval_procedural"])

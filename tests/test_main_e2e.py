@@ -31,7 +31,8 @@ def test_main_command_writes_every_output(tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert "30" in os.listdir(workdir / "checkpoints")
     results = json.loads((workdir / "eval.json").read_text())
-    assert set(results["samplers"]["codi"]) == {"1", "4"}
+    assert set(results["samplers"]) == {"codi", "codi+colorfix"}
+    assert set(results["samplers"]["codi"]) == set(results["samplers"]["codi+colorfix"]) == {"1", "4"}
     for metrics in results["samplers"]["codi"].values():
         assert np.isfinite(metrics["psnr"]) and -1 <= metrics["ssim"] <= 1
     export = workdir / "export"

@@ -17,38 +17,26 @@ import pytest
 import tensorflow as tf
 
 from codi_jax import config_lib, data, distributed, sharding, train
+from tiny import TINY_OVERRIDES, override
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 600
 
-TINY_UNET = dict(config_lib.DEMO_UNET, block_out_channels=[8, 16], layers_per_block=1,
-                 norm_num_groups=4, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
-# The tiny trainer config as (dotted key, value) overrides of base_config("sr"); the same lines build
-# the in-process reference and the config file the worker processes read.
-OVERRIDES = [
-    ("model.pretrained", ""), ("model.unet_config", TINY_UNET), ("model.prediction_type", "v_prediction"),
-    ("data.image_size", 16), ("train.batch_size", 8), ("train.num_steps", 4), ("train.warmup_steps", 1),
-    ("train.checkpoint_every", 2), ("train.log_every", 1), ("distill.grid", 10),
-    ("distill.timestep_sampling", "sample"),
+# The tiny trainer config plus what this test needs; the same lines build the in-process reference
+# and the config file the worker processes read.
+OVERRIDES = TINY_OVERRIDES + (
     # fsdp over all 8 devices: parameters and optimizer state are split across the two processes,
     # so the gradient all-reduce, checkpoint writes and the export gather all cross processes.
     ("mesh.data", 1), ("mesh.fsdp", 8), ("mesh.min_shard_size", 64),
-    # Evaluation is off to keep the test short (it runs collectively like the step); the export is
-    # on: process 0 writes it from parameters half of which live in process 1.
-    ("eval.num_examples", 0), ("export", True),
-]
+    # Evaluation stays off to keep the test short (it runs collectively like the step); the export
+    # is on: process 0 writes it from parameters half of which live in process 1.
+    ("export", True),
+)
 
 
 def _config():
-    c = config_lib.base_config("sr")
-    for key, value in OVERRIDES:
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(config_lib.base_config("sr"), OVERRIDES)
 
 
 def _config_file(path):

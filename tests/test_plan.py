@@ -2,15 +2,16 @@
 compiled step's memory and FLOPs respond to fsdp and batch as they must; the projection is labelled."""
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from codi_jax import config_lib, plan
+from tiny import TINY_UNET
 
-TINY_UNET = dict(config_lib.DEMO_UNET, block_out_channels=[8, 16], layers_per_block=1,
-                 norm_num_groups=4, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _tiny(fsdp):
@@ -27,7 +28,7 @@ def _count(tree):
 
 
 def test_abstract_sd15_teacher_has_diffusers_sizes_and_no_weights():
-    cfg = config_lib.apply_stable_diffusion(config_lib.base_config("sr"), "sd15")
+    cfg = config_lib.config_module(os.path.join(CONFIGS, "sr.py"), "sr").get_config("sd15")
     assert plan.preset_of(cfg) == "sd15"
     t = plan.abstract_teacher(cfg, "sd15")
     for tree in (t.unet_params, t.vae_params, t.text_params):

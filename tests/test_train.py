@@ -10,30 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from codi_jax import config_lib, sharding, train
-
-TINY_UNET = dict(config_lib.DEMO_UNET, block_out_channels=[8, 16], layers_per_block=1,
-                 norm_num_groups=4, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
-
-
-def tiny_config(**train_overrides):
-    c = config_lib.base_config("sr")
-    c.model.pretrained = ""                       # random teacher: no asset needed
-    c.model.unet_config = TINY_UNET
-    c.model.prediction_type = "v_prediction"
-    c.data.image_size = 16
-    c.train.batch_size = 8
-    c.train.num_steps = 4
-    c.train.warmup_steps = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
-    c.eval.num_examples = 0
-    c.export = False
-    c.distill.grid = 10
-    c.distill.timestep_sampling = "sample"
-    for k, v in train_overrides.items():
-        setattr(c.train, k, v)
-    return c
+from codi_jax import sharding, train
+from tiny import tiny_config
 
 
 def _batch(seed=0, n=8):

@@ -116,6 +116,9 @@ def _augment_config() -> ml_collections.ConfigDict:
     # Brightness, contrast and saturation factors drawn from [1 - j, 1 + j]; 0 = off. Not applied
     # to the edit task, whose target is a function of its input's colours.
     c.color_jitter = 0.0
+    # A random permutation of the RGB channels (same exceptions as color_jitter): colours the
+    # training pictures lack (the autoencoder otherwise shifts an unseen sky's hue).
+    c.channel_permute = False
     return c
 
 

@@ -8,7 +8,8 @@ Splits (records are read by index, like every source):
   loader takes a fresh random crop and augmentation per record), then ``procedural_train``
   procedural pictures, seeds ``0 … procedural_train − 1``.
 * ``eval`` — ``eval_crops_per_image`` fixed crops of each ``HELD_OUT_IMAGES`` picture (natural
-  pictures of different kinds: an animal, an indoor and an outdoor photograph, a texture).
+  pictures of different kinds: an animal, an indoor and an outdoor photograph, a texture),
+  interleaved by picture so that every prefix of the split covers all of them.
 * ``eval_procedural`` — one crop of each of ``procedural_eval`` procedural pictures whose seeds
   start at ``EVAL_SEED_OFFSET`` (disjoint from training). Reported separately from ``eval``.
 
@@ -122,7 +123,7 @@ class EmbeddedSource:
             return natural + [("procedural", k) for k in range(o.procedural_train)]
         if split == "eval_procedural":
             return [("procedural", EVAL_SEED_OFFSET + k) for k in range(o.procedural_eval)]
-        records = []
+        per_picture = []
         for name in (["motorcycle"] if self._depth else HELD_OUT_IMAGES):
             image, _ = self._picture(name, held_out=True)
             h, w = image.shape[:2]
@@ -130,8 +131,10 @@ class EmbeddedSource:
             rng = np.random.default_rng([zlib.crc32(name.encode()), s])
             ys = rng.integers(0, h - s + 1, o.eval_crops_per_image)
             xs = rng.integers(0, w - s + 1, o.eval_crops_per_image)
-            records += [("crop", name, int(y), int(x)) for y, x in zip(ys, xs)]
-        return records
+            per_picture.append([("crop", name, int(y), int(x)) for y, x in zip(ys, xs)])
+        # Interleaved, picture after picture: an evaluation of the first eval.num_examples records
+        # (and the sample grid's first rows) covers every held-out picture, not just the first ones.
+        return [rec for crops in zip(*per_picture) for rec in crops]
 
     def _picture(self, name: str, held_out: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """A natural picture (and its depth for the depth task), loaded once per source."""

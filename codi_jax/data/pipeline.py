@@ -173,6 +173,8 @@ class ExampleLoader:
             extra = None if extra is None else np.rot90(extra, k)
         if self.training and aug.color_jitter and self.task.extra != "source_image":
             image = _color_jitter(image, rng, aug.color_jitter)
+        if self.training and aug.channel_permute and self.task.extra != "source_image":
+            image = image[..., rng.permutation(3)]
         if extra is None:
             extra = np.zeros(self.extra_shape, np.float32)
         elif self.task.extra == "source_image":
