@@ -116,8 +116,9 @@ def _augment_config() -> ml_collections.ConfigDict:
     # Brightness, contrast and saturation factors drawn from [1 - j, 1 + j]; 0 = off. Not applied
     # to the edit task, whose target is a function of its input's colours.
     c.color_jitter = 0.0
-    # A random permutation of the RGB channels (same exceptions as color_jitter): colours the
-    # training pictures lack (the autoencoder otherwise shifts an unseen sky's hue).
+    # A random permutation of the RGB channels (same exceptions as color_jitter), for colours the
+    # training pictures lack. Measured in codi_jax/assets/mini_sd/README.md and configs/sr.py:
+    # it helped neither the shipped autoencoder nor the SR student.
     c.channel_permute = False
     return c
 
