@@ -10,9 +10,12 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   ``python -m codi_jax.main --config=configs/sr.py --workdir=runs/sr`` writes checkpoints,
   TensorBoard events, ``train_log.jsonl`` (μ's trajectory included), ``eval.json`` (the held-out
   pictures), ``eval_procedural.json``, ``eval_online.json``, the sample grids and ``export/``.
-  Measured: the shipped ``embedded:demo_codi_sr`` is this command's model (400 steps, commit
-  31f4030; about 20 minutes on a 2-core CPU shared with test runs, 0.5 steps/s, so not yet the
-  10 minutes asked for). On all 128 crops of the four held-out pictures, evaluated with
+  Rerun on an otherwise idle 2-core CPU (this commit, ``docs/sr_default/``): 703 s wall, i.e.
+  11.7 minutes with compiles and the three evaluations, not yet the 10 asked for; on its 64
+  evaluation crops (16 of each held-out picture) 1 step 21.62 raw, 23.75 colour-fixed, 4 steps
+  19.48 raw, 23.15 colour-fixed (gradient energy 0.34 ×10³ against 0.22), bicubic 23.66; the
+  same as the shipped model below within 0.1 dB.
+  The shipped ``embedded:demo_codi_sr`` is this command's model (400 steps, commit 31f4030). On all 128 crops of the four held-out pictures, evaluated with
   ``--config.eval.num_examples=128`` (PSNR dB / SSIM / gradient energy ×10³, the original's
   2.83). The evaluation used to read only the first 64 crops, which were chelsea and coffee;
   the crops are now interleaved by picture, so the default 64 cover all four:
