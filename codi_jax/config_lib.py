@@ -299,13 +299,19 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [current]
 
 
+def _known_presets(recipes: dict[str, Preset] | None) -> dict[str, Preset]:
+    """The task config's model recipes, then ``PRESETS``: every name an arg may use, in the order
+    they are applied."""
+    return {**(recipes or {}), **PRESETS}
+
+
 def parse_arg(arg: str | None, recipes: dict[str, Preset] | None = None) -> tuple[list[str], dict[str, Any]]:
     """``"sd15,pe,train.lr=1e-5"`` → (presets in application order, {dotted key: value}).
 
     ``recipes``: the task config's model recipes (e.g. ``sd15``), applied before ``PRESETS``.
     Values are Python literals where they parse as one (numbers, booleans, tuples), else strings.
     """
-    known = {**(recipes or {}), **PRESETS}
+    known = _known_presets(recipes)
     presets, overrides = [], {}
     for item in filter(None, (part.strip() for part in _split_top_level(arg or ""))):
         if "=" in item:
@@ -342,7 +348,7 @@ def task_config(task: str, arg: str | None = None, recipes: dict[str, Preset] | 
     """
     c = base_config(task)
     presets, overrides = parse_arg(arg, recipes)
-    known = {**(recipes or {}), **PRESETS}
+    known = _known_presets(recipes)
     for name in presets:
         known[name](c)
     flat = set(traverse_util.flatten_dict(c.to_dict(), sep="."))

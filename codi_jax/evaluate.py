@@ -31,6 +31,8 @@ from codi_jax.modeling import Student
 from codi_jax.sampling import JittedSamplers
 
 Array = jax.Array
+# One compilation per shape for every evaluation of a run (eval.every), not one per call of run.
+_wavelet_color_fix = jax.jit(color_fix.wavelet_color_fix, static_argnums=2)
 
 
 # The trivial baseline of each task, scored as ``condition``: the picture its condition already is.
@@ -140,7 +142,7 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     fix_fn = None
     if cfg.eval.color_fix and conditional and cfg.data.task == "sr":
         levels = color_fix.levels_for_scale(cfg.data.sr.scale)
-        fix_fn = jax.jit(lambda images, cond: color_fix.wavelet_color_fix(images, cond[..., :3], levels))
+        fix_fn = lambda images, cond: _wavelet_color_fix(images, cond[..., :3], levels)
     dist = DistributionMetrics(cfg)
     totals: dict[Any, dict[str, float]] = {}
     grid_rows = None
