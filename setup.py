@@ -35,6 +35,7 @@ setup(
         "Pillow",
         "tqdm",
         "pytest",
+        "pytest-xdist",  # pytest.ini runs the tests on two worker processes
     ],
     extras_require={
         # Live parity checks against PyTorch. torch is pinned to the CPU wheel: an unpinned torch

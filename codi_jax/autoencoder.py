@@ -208,7 +208,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 save_checkpoint(mgr, done, state, cfg)
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.num_steps:
                 log_eval(done)
-            if preempted.is_set():
+            if preempted.stop_after(done):
                 save_checkpoint(mgr, done, state, cfg, force=True)
                 mgr.wait_until_finished()
                 logging.warning("SIGTERM: saved step %d and stopped", done)

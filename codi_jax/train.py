@@ -329,20 +329,30 @@ def check_resumable(workdir: str, cfg: ml_collections.ConfigDict) -> None:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (Cloud TPU / SLURM preemption notice); the loop saves and exits cleanly."""
+    """A preemption notice (SIGTERM: Cloud TPU, SLURM, Kubernetes), for the loop to save and stop.
+
+    One process: a SIGTERM handler sets an event that ``stop_after`` reads. Several processes:
+    JAX's preemption sync manager (started by ``jax.distributed.initialize``, which also installs
+    its SIGTERM handler, so none is installed here) takes the notice on any process, spreads it
+    through the coordination service and agrees in the background on one step at which every
+    process stops. The loop asks it every step without a collective of its own: a per-step
+    ``process_allgather`` would block each host on the others every step and stall JAX's
+    asynchronous dispatch."""
 
     def __init__(self):
         self._event = threading.Event()
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self._synced = jax.process_count() > 1
+        if not self._synced and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
 
-    def is_set(self) -> bool:
-        flag = self._event.is_set()
-        if jax.process_count() > 1:  # every process must stop at the same step
+    def stop_after(self, step: int) -> bool:
+        """Whether to save and stop once ``step`` steps are done: on several processes, the same
+        answer on each (every process must ask at every step, as the sync manager requires)."""
+        if self._synced:
             from jax.experimental import multihost_utils
-            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-        return flag
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._event.is_set()
 
     def restore(self) -> None:
         if self._previous is not None:
@@ -505,7 +515,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
             if saved:
                 save_checkpoint(mgr, done, state, cfg, student.config)
-            if preempted.is_set():
+            if preempted.stop_after(done):
                 if not saved:
                     save_checkpoint(mgr, done, state, cfg, student.config, force=True)
                 mgr.wait_until_finished()

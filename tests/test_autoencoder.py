@@ -15,14 +15,18 @@ TINY_VAE = dict(config_lib.MINI_VAE, block_out_channels=[8, 16], down_block_type
                 up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4)
 
 
-def tiny_vae_config(num_steps):
+def _pretrain_vae_config(arg):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "pretrain_vae", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_vae.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config("minimal")
+    return module.get_config(arg)
+
+
+def tiny_vae_config(num_steps):
+    cfg = _pretrain_vae_config("minimal")
     cfg.model.vae_config = TINY_VAE
     cfg.data.image_size = 16
     cfg.train.num_steps = num_steps
@@ -30,6 +34,14 @@ def tiny_vae_config(num_steps):
     cfg.train.checkpoint_every = 2
     cfg.eval.every = 2
     return cfg
+
+
+def test_presets_compose_and_unknown_ones_are_named():
+    cfg = _pretrain_vae_config("wide,minimal")
+    assert list(cfg.model.vae_config.block_out_channels) == [64, 128, 128] and cfg.train.num_steps == 6
+    assert list(_pretrain_vae_config(None).model.vae_config.block_out_channels) == [32, 64, 64]
+    with pytest.raises(ValueError, match=r"\['tall'\]"):
+        _pretrain_vae_config("wide,tall")
 
 
 def test_loss_terms():
