@@ -39,10 +39,10 @@ def get_config(arg: str | None = None):
     c.eval.num_examples = 128
     c.export = True
     presets = [p for p in (arg or "").split(",") if p]
-    unknown = sorted(set(presets) - {"minimal", "wide"})
+    known = ["minimal", "wide"]
+    unknown = sorted(set(presets) - set(known))
     if unknown:
-        raise ValueError(f"config: unknown preset(s) {unknown} of configs/pretrain_vae.py; known: "
-                         "['minimal', 'wide']")
+        raise ValueError(f"config: unknown preset(s) {unknown} of configs/pretrain_vae.py; known: {known}")
     if "wide" in presets:
         c.model.vae_config.block_out_channels = [64, 128, 128]
         c.model.vae_config.norm_num_groups = 32

@@ -103,11 +103,10 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path, monkeypatch):
     assert int(restored["step"]) == 3
 
 
-
 def test_several_processes_ask_the_preemption_sync_manager_not_a_collective(monkeypatch):
     """On several processes the stop is JAX's agreed sync point, asked once per step: no
     ``process_allgather`` (a blocking host barrier) in the step loop, and no SIGTERM handler of
-    ours over the one ``jax.distributed`` installs (test_multihost sends the real signal)."""
+    ours over the one ``jax.distributed`` installs."""
     from jax.experimental import multihost_utils
 
     asked = []
@@ -120,6 +119,7 @@ def test_several_processes_ask_the_preemption_sync_manager_not_a_collective(monk
     assert [flag.stop_after(step) for step in range(5, 9)] == [False, False, True, False]
     assert asked == [5, 6, 7, 8]
     flag.restore()
+
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
     workdir = str(tmp_path)
