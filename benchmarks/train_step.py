@@ -146,17 +146,16 @@ def _raw_context_student(student):
 
 
 def _with_teacher(s, cfg, mesh):
-    """``s`` with the frozen-teacher copy that ``train.setup`` adds for ``distill.predictor=teacher``
-    (the teacher UNet's params, fresh buffers: the state is donated), without a second setup."""
+    """The setup of ``cfg`` (``distill.predictor=teacher``: ``train.parameter_groups`` adds the frozen
+    teacher copy) from ``s``'s model and initial params, without a second random teacher init.
+    The params are copied: ``s``'s state is donated by its own step."""
     import jax
     import jax.numpy as jnp
 
-    from codi_jax import sharding, train
+    from codi_jax import train
 
-    unet = train.combine(s.state["params"], s.frozen)["unet"]
-    aux = dict(s.aux, teacher=jax.tree.map(lambda x: jnp.array(x, copy=True), unet))
-    aux_sh = sharding.tree_shardings(aux, mesh, min_size=cfg.mesh.min_shard_size)
-    return dataclasses.replace(s, aux=jax.device_put(aux, aux_sh), aux_sharding=aux_sh)
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), train.combine(s.state["params"], s.frozen))
+    return train.setup(cfg, mesh, built=(s.student, params))
 
 
 def _counted(lowered, compile_: bool = True):
@@ -251,7 +250,7 @@ def worker(name: str, steps: int, warmup: int, teacher: bool, teacher_time: bool
             train.jit_train_step(cfg_t, s_t, mesh).lower(s_t.state, s_t.frozen, s_t.aux, batch, base_rng),
             compile_=teacher_time)
         res["teacher_compile_s"] = time.perf_counter() - t0
-        holder_t = {"state": jax.tree.map(lambda x: jnp.array(x, copy=True), s.state)}
+        holder_t = {"state": s_t.state}
 
         def run_teacher():
             holder_t["state"], metrics = step_t(holder_t["state"], s_t.frozen, s_t.aux, batch, base_rng)

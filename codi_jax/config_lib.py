@@ -178,7 +178,10 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     # reported beside it). Separate from θ⁻, whose decay is the paper's.
     c.train.eval_ema_decay = 0.999
     c.train.mu_lr_scale = 50.0            # step-size multiplier of μ (eq. 10), see train.py
-    c.train.log_every = 25
+    c.train.log_every = 25                # also the interval of the images/s and MFU figures
+    # Peak bf16 FLOP/s of one chip for the logged MFU; 0 = from the device kind
+    # (codi_jax/throughput.py's table; a chip not in it, a CPU, gets no MFU).
+    c.train.peak_flops_per_chip = 0.0
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
 

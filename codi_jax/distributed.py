@@ -122,3 +122,17 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return plan
+
+
+def wait_for_every_process(name: str, timeout_s: int = 1800) -> None:
+    """Blocks until every process has reached the point ``name`` (unique per use), through the
+    coordination service rather than a device collective. Before the first train step: gloo's
+    first CPU collective waits only 30 s for the other processes, and one process may compile for
+    longer than that. A no-op in a single-process run."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the coordination client has no public handle
+
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)

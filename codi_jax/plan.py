@@ -37,8 +37,12 @@ from typing import Any, Optional
 from absl import app, flags
 from ml_collections import config_flags
 
-# Peak dense bf16 FLOP/s per chip (Google Cloud TPU documentation).
-PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12}
+from codi_jax import throughput
+
+# The Cloud TPU chips projected onto, as ``jax.Device.device_kind`` names them; their peaks are
+# the trainer's MFU table (codi_jax/throughput.py).
+_TPU_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5"}
+PEAK_BF16_FLOPS = {chip: throughput.peak_flops(kind) for chip, kind in _TPU_KINDS.items()}
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95}
 # Known pipelines → the shipped model configs (codi_jax/assets/model_configs/<preset>).
 _PRESET_OF_REPO = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
@@ -47,6 +51,9 @@ _PRESET_OF_REPO = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
 # Prediction types of the public checkpoints (their scheduler configs are not shipped).
 _PREDICTION_TYPE = {"sd15": "epsilon", "sd21": "v_prediction"}
 GIB = 2**30
+# Printed beside every CPU-compiled figure: what a TPU or GPU allocates differs.
+CPU_CAVEAT = ("CPU compiler: no fused attention, fp32 widening, CPU buffer assignment; "
+              "not what a TPU or GPU allocates")
 
 
 @dataclasses.dataclass
@@ -70,9 +77,9 @@ class PlanResult:
     temp_bytes: int
     generated_code_bytes: int
     flops_per_device: float
-    compile_seconds: float
-    lower_seconds: float
+    compile_seconds: float    # lowering and XLA compilation, this host
     mfu: float
+    backend: str              # the platform that compiled it: "cpu" figures are estimates
 
     @property
     def peak_bytes(self) -> int:
@@ -111,39 +118,81 @@ def preset_of(cfg: Any, preset: str = "") -> str:
                      f"pass --preset (one of {sorted(set(_PRESET_OF_REPO.values()))})")
 
 
-def abstract_teacher(cfg: Any, preset: str):
-    """A ``modeling.Teacher`` whose parameters are ``jax.ShapeDtypeStruct``s (no weights read).
+def preset_configs(preset: str) -> dict[str, dict]:
+    """The shipped diffusers configs of ``preset``'s UNet, VAE and text encoder."""
+    from codi_jax import models
 
-    Modules are built exactly as ``modeling.load_teacher`` builds them (``models.load`` defaults:
-    fp32 VAE and text encoder, fp32 UNet params), so the compiled step is the trainer's.
-    """
+    return {kind: models.get_config(kind, preset) for kind in ("unet", "vae", "text_encoder")}
+
+
+def random_teacher(cfg: Any, configs: dict[str, dict], prediction_type: str, rng: Any = None):
+    """A ``modeling.Teacher`` of the architectures in ``configs`` (``{"unet": …}``, plus ``"vae"`` and
+    ``"text_encoder"`` for a latent text-to-image model): with ``rng``, random weights (benchmarks);
+    without, ``jax.ShapeDtypeStruct``s only (no memory). Modules are built as ``models.load``
+    builds them (fp32 params, fp32 VAE and text encoder), so the compiled step is the trainer's."""
     import jax
 
-    from codi_jax import diffusion, models
+    from codi_jax import diffusion
     from codi_jax.modeling import Teacher
     from codi_jax.models.clip import CLIPTextModel
     from codi_jax.models.unet import UNet2DConditionModel
     from codi_jax.models.vae import AutoencoderKL
 
-    key = jax.random.PRNGKey(0)
-
-    def shapes(cls, config):
+    def made(cls, config, key):
         module = cls.from_config(config)
         inputs = cls.dummy_inputs(config)
-        return module, jax.eval_shape(lambda: module.init(key, *inputs))["params"]
+        init = lambda: module.init(key, *inputs)["params"]  # noqa: E731
+        return module, (jax.eval_shape(init) if rng is None else jax.jit(init)())
 
-    if not preset:  # a pixel-space UNet from the config (what load_teacher builds for pretrained="")
-        unet_config = cfg.model.unet_config.to_dict()
-        _, unet_params = shapes(UNet2DConditionModel, unet_config)
-        return Teacher(unet_config, unet_params, diffusion.get_schedule(cfg.model.schedule),
-                       cfg.model.prediction_type or "v_prediction")
-    unet_config = models.get_config("unet", preset)
-    _, unet_params = shapes(UNet2DConditionModel, unet_config)
-    vae, vae_params = shapes(AutoencoderKL, models.get_config("vae", preset))
-    text, text_params = shapes(CLIPTextModel, models.get_config("text_encoder", preset))
-    return Teacher(unet_config, unet_params, diffusion.get_schedule(cfg.model.schedule),
-                   cfg.model.prediction_type or _PREDICTION_TYPE[preset], root=None,
-                   vae=vae, vae_params=vae_params, text_encoder=text, text_params=text_params)
+    keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, 3)
+    _, unet_params = made(UNet2DConditionModel, configs["unet"], keys[0])
+    teacher = Teacher(configs["unet"], unet_params, diffusion.get_schedule(cfg.model.schedule), prediction_type)
+    if "vae" in configs:
+        teacher.vae, teacher.vae_params = made(AutoencoderKL, configs["vae"], keys[1])
+    if "text_encoder" in configs:
+        teacher.text_encoder, teacher.text_params = made(CLIPTextModel, configs["text_encoder"], keys[2])
+    return teacher
+
+
+def abstract_teacher(cfg: Any, preset: str):
+    """The teacher of ``preset`` (``""``: the pixel-space UNet of ``model.unet_config``, what
+    ``load_teacher`` builds for ``model.pretrained=""``) as shapes only: no weights read."""
+    if not preset:
+        return random_teacher(cfg, {"unet": cfg.model.unet_config.to_dict()},
+                              cfg.model.prediction_type or "v_prediction")
+    return random_teacher(cfg, preset_configs(preset), cfg.model.prediction_type or _PREDICTION_TYPE[preset])
+
+
+def abstract_student(cfg: Any, teacher: Any) -> tuple[Any, dict]:
+    """The adapted student of ``teacher`` and the shapes of its initial params (``build_student``
+    without computing anything)."""
+    import jax
+
+    from codi_jax.data.config import cond_channels
+    from codi_jax.modeling import adapted_config, make_student
+    from codi_jax.models import adapters
+
+    config = adapted_config(cfg.model, teacher, cond_channels(cfg.data))
+    params = jax.eval_shape(lambda p: adapters.init_adapted_params(config, p, jax.random.PRNGKey(1)),
+                            teacher.unet_params)
+    return make_student(cfg.model, teacher, config), params
+
+
+def batch_shapes(cfg: Any, student: Any, global_batch: int) -> dict:
+    """The data batch the train step takes (``image``, ``cond`` and, for a teacher that reads text,
+    ``text`` token ids) as ``jax.ShapeDtypeStruct``s."""
+    import jax
+    import jax.numpy as jnp
+
+    from codi_jax.data.config import cond_channels
+
+    size = cfg.data.image_size
+    data = {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32),
+            "cond": jax.ShapeDtypeStruct((global_batch, size, size, cond_channels(cfg.data)), jnp.float32)}
+    encoder = student.teacher.text_encoder
+    if encoder is not None:
+        data["text"] = jax.ShapeDtypeStruct((global_batch, encoder.max_position_embeddings), jnp.int32)
+    return data
 
 
 def _count(tree: Any) -> int:
@@ -154,95 +203,53 @@ def _count(tree: Any) -> int:
 
 def compile_step(cfg: Any, preset: str, batch_per_device: int, mfu: float = 0.4,
                  devices: Optional[list] = None) -> PlanResult:
-    """Lowers and compiles the trainer's step for ``cfg`` on a mesh of ``devices`` (all by default)."""
+    """Lowers and compiles the trainer's step for ``cfg`` on a mesh of ``devices`` (all by default):
+    ``train.abstract_setup`` and ``train.compile_train_step``, the trainer's own code."""
     import jax
-    import jax.numpy as jnp
 
     from codi_jax import sharding, train
-    from codi_jax.data.config import cond_channels
-    from codi_jax.modeling import adapted_config, make_student
-    from codi_jax.models import adapters
 
     devices = list(jax.devices() if devices is None else devices)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
-    batch = batch_per_device * len(devices)
-    teacher = abstract_teacher(cfg, preset)
-    config = adapted_config(cfg.model, teacher, cond_channels(cfg.data))
-    student = make_student(cfg.model, teacher, config)
-    params = jax.eval_shape(lambda p: adapters.init_adapted_params(config, p, jax.random.PRNGKey(1)),
-                            teacher.unet_params)
-    mode = cfg.model.trainable if "adapter" in params else "all"
-    trainable, frozen = train.partition(params, adapters.trainable_mask(params, mode))
-    aux = student.aux_params()
-    if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
-        aux["teacher"] = teacher.unet_params
-    tx, schedule = train.make_optimizer(cfg.train)
-    state = jax.eval_shape(functools.partial(train.initial_state, cfg, tx), trainable)
-
-    def on(tree, sh):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-
-    shard = lambda t: sharding.tree_shardings(t, mesh, min_size=cfg.mesh.min_shard_size)  # noqa: E731
-    state_sh, frozen_sh, aux_sh = shard(state), shard(frozen), shard(aux)
-    size = cfg.data.image_size
-    bsh = sharding.batch_sharding(mesh)
-    data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=bsh),
-            "cond": jax.ShapeDtypeStruct((batch, size, size, cond_channels(cfg.data)), jnp.float32, sharding=bsh)}
-    if teacher.text_encoder is not None:
-        length = models_text_length(preset)
-        data["text"] = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=bsh)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-    step = jax.jit(train.make_train_step(cfg, student, tx, schedule),
-                   in_shardings=(state_sh, frozen_sh, aux_sh, bsh, sharding.replicated(mesh)),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    student, params = abstract_student(cfg, abstract_teacher(cfg, preset))
+    parts = train.abstract_setup(cfg, mesh, student, params)
     t0 = time.perf_counter()
-    lowered = step.lower(on(state, state_sh), on(frozen, frozen_sh), on(aux, aux_sh), data, rng)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-        cost = cost[0]
+    _, cost = train.compile_train_step(cfg, parts, mesh, batch_shapes(cfg, student, batch_per_device * len(devices)))
+    seconds = time.perf_counter() - t0
+    variant = "pe-codi" if "adapter" in params and cfg.model.trainable == "adapter" else "codi"
     return PlanResult(
-        preset=preset or "custom", variant="pe-codi" if mode == "adapter" else "codi", devices=len(devices),
+        preset=preset or "custom", variant=variant, devices=len(devices),
         data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], batch_per_device=batch_per_device,
-        image_size=size, dtype=cfg.model.dtype, remat=cfg.model.remat or "off",
-        trainable_params=_count(trainable), frozen_params=_count(frozen),
-        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-        generated_code_bytes=int(mem.generated_code_size_in_bytes),
-        flops_per_device=float(cost.get("flops", 0.0)), compile_seconds=t2 - t1, lower_seconds=t1 - t0,
-        mfu=mfu)
-
-
-def models_text_length(preset: str) -> int:
-    from codi_jax import models
-
-    return int(models.get_config("text_encoder", preset)["max_position_embeddings"])
+        image_size=cfg.data.image_size, dtype=cfg.model.dtype, remat=cfg.model.remat or "off",
+        trainable_params=_count(parts.state["params"]), frozen_params=_count(parts.frozen),
+        argument_bytes=cost.argument_bytes, output_bytes=cost.output_bytes, alias_bytes=cost.alias_bytes,
+        temp_bytes=cost.temp_bytes, generated_code_bytes=cost.generated_code_bytes,
+        flops_per_device=cost.flops, compile_seconds=seconds, mfu=mfu, backend=cost.backend)
 
 
 def report(r: PlanResult) -> str:
     """The human-readable summary of one setting."""
+    caveat = f" [{CPU_CAVEAT}]" if r.backend == "cpu" else ""
     lines = [
-        f"plan: {r.preset} {r.variant}, {r.image_size}px, {r.dtype}, remat={r.remat}",
+        f"plan: {r.preset} {r.variant}, {r.image_size}px, {r.dtype}, remat={r.remat}; compiled by XLA:{r.backend.upper()}",
         f"  mesh data={r.data} x fsdp={r.fsdp} ({r.devices} devices), batch {r.batch_per_device}/device "
         f"= {r.batch_per_device * r.devices} global",
         f"  params: {r.trainable_params / 1e6:,.1f} M trainable, {r.frozen_params / 1e6:,.1f} M frozen "
-        "(UNet/adapter; VAE and text encoder not counted)",
-        f"  compile: lowering {r.lower_seconds:.1f} s, XLA compile {r.compile_seconds:.1f} s (this host)",
-        "  per-device memory (XLA CPU buffer assignment): "
+        "(UNet/adapter; the VAE and text encoder are in the memory figures, not here)",
+        f"  compile: {r.compile_seconds:.1f} s (lowering and XLA, this host)",
+        f"  per-device memory (XLA:{r.backend.upper()} buffer assignment{caveat}): "
         f"arguments {r.argument_bytes / GIB:.2f} GiB, outputs {r.output_bytes / GIB:.2f} GiB, "
         f"donated {r.alias_bytes / GIB:.2f} GiB, temporaries {r.temp_bytes / GIB:.2f} GiB "
         f"-> peak {r.peak_bytes / GIB:.2f} GiB",
-        f"  FLOPs per step: {r.flops_per_device / 1e12:.2f} TFLOP per device, "
+        f"  FLOPs per step (XLA:{r.backend.upper()} count): {r.flops_per_device / 1e12:.2f} TFLOP per device, "
         f"{r.flops_per_device * r.devices / 1e12:.1f} TFLOP in total",
         f"  PROJECTION at {r.mfu:.0%} of peak bf16 (not measured; communication and input not modelled):",
     ]
     for chip in PEAK_BF16_FLOPS:
         lines.append(f"    TPU {chip:>3}: {PEAK_BF16_FLOPS[chip] / 1e12:.0f} TFLOP/s peak -> "
                      f"{r.step_seconds(chip):.3f} s/step, {r.images_per_second_per_chip(chip):.2f} images/s per chip; "
-                     f"{'fits' if r.fits(chip) else 'does NOT fit'} {HBM_GIB[chip]} GiB HBM")
+                     f"{'fits' if r.fits(chip) else 'does NOT fit'} {HBM_GIB[chip]} GiB HBM"
+                     + (" by the CPU estimate" if r.backend == "cpu" else ""))
     return "\n".join(lines)
 
 
@@ -313,7 +320,12 @@ def markdown_table(results: list[dict], batches=(1, 4, 8), fsdps=(1, 8, 32),
                    remats=("nothing_saveable", "off")) -> str:
     """Per-device memory, fit on v5e (16 GiB) / v4 (32 GiB) and projected images/s per chip."""
     by = {(r["batch_per_device"], r["fsdp"], r["remat"]): r for r in results}
-    rows = ["| remat | batch/device | fsdp | peak GiB/device | fits v5e 16 GiB | fits v4 32 GiB "
+    # Results written before the backend was recorded all came from the CPU compiler.
+    backends = sorted({r.get("backend", "cpu") for r in results}) or ["cpu"]
+    rows = [f"Compiled by XLA:{'/'.join(b.upper() for b in backends)}"
+            + (f" ({CPU_CAVEAT}: the memory figures and fits are estimates)" if "cpu" in backends else ""),
+            "",
+            "| remat | batch/device | fsdp | peak GiB/device | fits v5e 16 GiB | fits v4 32 GiB "
             "| TFLOP/step/device | img/s/chip v5e | img/s/chip v4 | img/s/chip v5p | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for remat in remats:

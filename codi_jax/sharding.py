@@ -58,6 +58,22 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
     return jax.tree.map(lambda leaf: NamedSharding(mesh, param_spec(np.shape(leaf), fsdp, min_size)), tree)
 
 
+def host_device() -> jax.Device:
+    """The host's CPU device: weights are read and adapted there, in host memory, and then placed
+    once, sharded, on the mesh. Without a CPU backend (``JAX_PLATFORMS`` excludes it), the first
+    local device, whose copies are freed once placed."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """``tree``'s leaves as ``jax.ShapeDtypeStruct``s carrying ``shardings``: what is lowered and
+    compiled, and what orbax restores onto."""
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
 

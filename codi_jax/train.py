@@ -25,7 +25,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from codi_jax import diffusion, evaluate, sharding
+from codi_jax import diffusion, distributed, evaluate, sharding, throughput
 from codi_jax.distill import (CMLossConfig, CoDiLossConfig, ProgressiveLossConfig, ema_update,
                               make_cm_loss, make_codi_loss, make_progressive_loss)
 from codi_jax.export import export, load_exported
@@ -363,7 +363,9 @@ class PreemptionFlag:
 
 @dataclasses.dataclass
 class Setup:
-    """Everything the loop needs besides data: model, state and the shardings of each input."""
+    """Everything the loop needs besides data: model, state and the shardings of each input. The
+    trees hold device arrays (``setup``) or, for planning and ahead-of-time compilation,
+    ``jax.ShapeDtypeStruct``s carrying the same shardings (``abstract_setup``)."""
 
     student: Student
     state: dict
@@ -377,41 +379,80 @@ class Setup:
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of the state: the restore target for orbax."""
-        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            self.state, self.state_sharding)
+        return sharding.with_shardings(self.state, self.state_sharding)
 
 
-def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-    """Teacher, student, frozen/trainable split, optimizer and the initial sharded state."""
+def build(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:
+    """The model to train and its initial params: the adapted teacher (or, for the baselines, the
+    fine-tuned conditional teacher). Callers place the params; ``setup`` builds them on the host."""
     if cfg.objective in BASELINE_OBJECTIVES and not cfg.model.conditional_teacher:
         raise ValueError(f"objective {cfg.objective!r} distils a fine-tuned conditional teacher: set "
                          "model.conditional_teacher to the export/ folder of a run of the `finetune` "
                          "preset")
     if cfg.model.conditional_teacher:
-        student, params = load_conditional_teacher(cfg)
-        teacher = student.teacher
-    else:
-        from codi_jax.data.config import cond_channels
+        return load_conditional_teacher(cfg)
+    from codi_jax.data.config import cond_channels
 
-        k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        teacher = load_teacher(cfg.model, k_teacher)
-        student, params = build_student(cfg.model, teacher, cond_channels(cfg.data), k_adapter)
+    k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    teacher = load_teacher(cfg.model, k_teacher)
+    return build_student(cfg.model, teacher, cond_channels(cfg.data), k_adapter)
+
+
+def parameter_groups(cfg: ml_collections.ConfigDict, student: Student, params: dict) -> tuple[dict, dict, dict]:
+    """(trainable, frozen, aux) of the initial ``params`` (arrays or shapes alike): the trainable
+    part gets gradients, optimizer state and EMAs; the frozen part and ``aux`` (VAE, text encoder,
+    a frozen teacher copy) do not. The one home of this rule, for the trainer and the planners."""
     mode = cfg.model.trainable if "adapter" in params else "all"
     trainable, frozen = partition(params, adapters.trainable_mask(params, mode))
     aux = student.aux_params()
     if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
-        aux["teacher"] = teacher.unet_params  # frozen copy: the online UNet moves under "all"
+        aux["teacher"] = params["unet"]  # the teacher's UNet, frozen: the online one moves under "all"
     if cfg.objective == "cm":
         aux["teacher"] = params  # the whole conditional teacher, frozen; the student starts as it
-    tx, schedule = make_optimizer(cfg.train)
-    init_state = functools.partial(initial_state, cfg, tx)
+    return trainable, frozen, aux
 
+
+def abstract_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, student: Student,
+                   params: dict) -> Setup:
+    """The ``Setup`` of ``student`` and its initial ``params`` (arrays or shapes) with every tree as
+    shapes and shardings only: what ``plan.py`` and the benchmarks compile, and what ``setup``
+    fills. No device memory is used."""
+    trainable, frozen, aux = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          parameter_groups(cfg, student, params))
+    tx, schedule = make_optimizer(cfg.train)
+    state = jax.eval_shape(functools.partial(initial_state, cfg, tx), trainable)
     shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=cfg.mesh.min_shard_size)
-    state_sh = shard(jax.eval_shape(init_state, trainable))
-    frozen_sh, aux_sh = shard(frozen), shard(aux)
-    return Setup(student, jax.jit(init_state, out_shardings=state_sh)(trainable), state_sh,
-                 jax.device_put(frozen, frozen_sh), frozen_sh, jax.device_put(aux, aux_sh), aux_sh,
-                 tx, schedule)
+    state_sh, frozen_sh, aux_sh = shard(state), shard(frozen), shard(aux)
+    return Setup(student, sharding.with_shardings(state, state_sh), state_sh,
+                 sharding.with_shardings(frozen, frozen_sh), frozen_sh,
+                 sharding.with_shardings(aux, aux_sh), aux_sh, tx, schedule)
+
+
+def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+          built: tuple[Student, dict] | None = None) -> Setup:
+    """Teacher, student, frozen/trainable split, optimizer and the initial sharded state.
+
+    The weights are read and adapted in host memory (``built``, by default ``build(cfg)``) and each
+    array is placed once, with its sharding. Afterwards no unsharded copy stays on a device: the
+    student's teacher keeps only the placed VAE / text encoder and the UNet's shapes."""
+    if built is None:
+        with jax.default_device(sharding.host_device()):
+            built = build(cfg)
+    student, params = built
+    parts = abstract_setup(cfg, mesh, student, params)
+    trainable, frozen, aux = jax.device_get(parameter_groups(cfg, student, params))
+    del params, built
+    frozen = jax.device_put(frozen, parts.frozen_sharding)
+    aux = jax.device_put(aux, parts.aux_sharding)
+    params_sh = parts.state_sharding["params"]
+    state = jax.jit(functools.partial(initial_state, cfg, parts.tx), in_shardings=(params_sh,),
+                    out_shardings=parts.state_sharding)(jax.device_put(trainable, params_sh))
+    teacher = dataclasses.replace(
+        student.teacher, unet_params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                  student.teacher.unet_params),
+        vae_params=aux.get("vae"), text_params=aux.get("text"))
+    return dataclasses.replace(parts, student=dataclasses.replace(student, teacher=teacher),
+                               state=state, frozen=frozen, aux=aux)
 
 
 def initial_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, trainable: dict) -> dict:
@@ -442,6 +483,22 @@ def jit_train_step(cfg: ml_collections.ConfigDict, parts: Setup, mesh: jax.shard
                                  sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                    out_shardings=(parts.state_sharding, sharding.replicated(mesh)),
                    donate_argnums=(0,))
+
+
+def compile_train_step(cfg: ml_collections.ConfigDict, parts: Setup, mesh: jax.sharding.Mesh, batch: dict,
+                       student_steps: int | None = None, first_step: int = 0) -> tuple[Any, throughput.StepCost]:
+    """``jit_train_step`` lowered for ``parts``' trees and a batch shaped as ``batch`` (arrays or
+    shapes), compiled ahead of time, and XLA's analysis of it. Only shapes and shardings are read,
+    so ``parts`` may be abstract (``plan.py``) or hold state already donated."""
+    data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+            for k, v in batch.items()}
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+    lowered = jit_train_step(cfg, parts, mesh, student_steps, first_step).lower(
+        parts.abstract_state(), sharding.with_shardings(parts.frozen, parts.frozen_sharding),
+        sharding.with_shardings(parts.aux, parts.aux_sharding), data, rng)
+    compiled = lowered.compile()
+    return compiled, throughput.step_cost(compiled, mesh.devices.flat[0].platform)
 
 
 def begin_round(parts: Setup) -> Callable:
@@ -483,7 +540,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("resumed from step %d", int(state["step"]))
     start = int(state["step"])
     step_fn = None
-    base_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+    base_rng = jax.device_put(jax.device_get(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)),
+                              sharding.replicated(mesh))
+    speed = None  # images/s and MFU between log steps, from the compiled step's FLOPs
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams({k: v for k, v in _flat_config(cfg).items()})
@@ -496,14 +555,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         for step in range(start, cfg.train.num_steps):
             round_ = current_round(rounds, step)
+            batch = sharding.global_batch(student.with_prompt(next(batches)), mesh)
             if step_fn is None or step == round_.start:
                 if step == round_.start and step > 0:
                     state = begin_round(parts)(state)
-                step_fn = jit_train_step(cfg, parts, mesh, round_.student_steps, round_.start)
-            batch = sharding.global_batch(student.with_prompt(next(batches)), mesh)
+                step_fn, cost = compile_train_step(cfg, parts, mesh, batch, round_.student_steps, round_.start)
+                distributed.wait_for_every_process(f"codi_jax_step_{step}_compiled")
+                speed = _log_compiled(cost, cfg, mesh, writer, workdir, step)
             state, metrics = step_fn(state, frozen, aux, batch, base_rng)
             if pending is not None:
-                _check_and_log(*pending, writer, cfg, workdir)
+                _check_and_log(*pending, writer, cfg, workdir, speed)
             pending = (step, metrics)
             report(step + 1)
             done = step + 1
@@ -511,6 +572,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                     and cfg.eval.num_examples > 0:
                 evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=False,
                              samplers=samplers)
+                speed.restart(done)  # the evaluation's time is not the step's
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
             if saved:
                 save_checkpoint(mgr, done, state, cfg, student.config)
@@ -521,7 +583,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("SIGTERM: saved step %d and stopped", done)
                 raise Preempted(done)
         if pending is not None:
-            _check_and_log(*pending, writer, cfg, workdir, force=True)
+            _check_and_log(*pending, writer, cfg, workdir, speed, force=True)
     finally:
         mgr.wait_until_finished()
         preempted.restore()
@@ -534,10 +596,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     results["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     if cfg.export:
         if jax.process_count() > 1:
-            # fsdp may split parameters across processes: every process takes part in gathering
-            # them (a collective) before process 0 alone writes the export.
+            # fsdp may split parameters (and the placed VAE, which a teacher without a pipeline
+            # folder exports) across processes: every process takes part in gathering them (a
+            # collective) before process 0 alone writes the export.
             from jax.experimental import multihost_utils
-            params = multihost_utils.process_allgather(params, tiled=True)
+            params, vae = multihost_utils.process_allgather((params, student.teacher.vae_params), tiled=True)
+            student = dataclasses.replace(student, teacher=dataclasses.replace(student.teacher, vae_params=vae))
         if jax.process_index() == 0:
             export(student, params, os.path.join(workdir, "export"), cfg)
     writer.flush()
@@ -599,7 +663,26 @@ def export_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     return export(parts.student, final_params(restored, parts.frozen), os.path.join(workdir, "export"), cfg)
 
 
-def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str, force: bool = False) -> None:
+def _log_compiled(cost: throughput.StepCost, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  writer, workdir: str, step: int) -> throughput.Throughput:
+    """Logs XLA's FLOPs and memory analysis of the just compiled step (console, TensorBoard,
+    ``compile_log.jsonl``) and returns the throughput meter that starts with it."""
+    device = mesh.devices.flat[0]
+    peak = throughput.peak_flops(device.device_kind, cfg.train.peak_flops_per_chip)
+    logging.info("%s; %s: peak %s", cost.summary(), device.device_kind,
+                 f"{peak / 1e12:.0f} TFLOP/s bf16" if peak else "unknown (no MFU; set train.peak_flops_per_chip)")
+    record = dict(dataclasses.asdict(cost), peak_bytes=cost.peak_bytes, device_kind=device.device_kind,
+                  devices=mesh.size, peak_flops_per_chip=peak)
+    writer.write_scalars(step, {f"compile/{k}": float(v) for k, v in record.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    append_jsonl(workdir, "compile_log.jsonl", {"step": step, **record})
+    speed = throughput.Throughput(cfg.train.batch_size, cost.flops, peak)
+    speed.restart(step)
+    return speed
+
+
+def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str,
+                   speed: throughput.Throughput | None = None, force: bool = False) -> None:
     metrics = jax.device_get(metrics)
     if not metrics.pop("finite"):
         raise NonFiniteLossError(f"step {step + 1}: the loss or its gradient is NaN/Inf "
@@ -607,7 +690,13 @@ def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str, force: b
                                  "the last checkpoint holds the last good state")
     if force or (step + 1) % cfg.train.log_every == 0:
         scalars = {k: float(v) for k, v in metrics.items()}
+        # Fetching this step's metrics waited for it to finish: the time since the last log point
+        # covers exactly the steps in between.
+        scalars.update(speed.record(step + 1) if speed is not None else {})
         writer.write_scalars(step + 1, {f"train/{k}": v for k, v in scalars.items()})
+        logging.info("step %d/%d: loss %.4g%s%s", step + 1, cfg.train.num_steps, scalars["loss"],
+                     f", {scalars['images_per_second']:.1f} images/s" if "images_per_second" in scalars else "",
+                     f", MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
         # The curve as a small text file, to commit with results.
         append_jsonl(workdir, "train_log.jsonl", {"step": step + 1, **scalars})
 

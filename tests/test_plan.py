@@ -64,9 +64,15 @@ def test_compiled_memory_shrinks_with_fsdp_and_flops_grow_with_batch():
     assert bigger.images_per_second_per_chip("v4") == pytest.approx(4 / s)
     text = plan.report(bigger)
     assert "PROJECTION" in text and "v5e" in text and "v5p" in text
+    # Each CPU-compiled figure carries its caveat on its own line.
+    assert bigger.backend == "cpu" and "compiled by XLA:CPU" in text
+    memory_line = next(l for l in text.splitlines() if "per-device memory" in l)
+    assert plan.CPU_CAVEAT in memory_line
+    assert all("by the CPU estimate" in l for l in text.splitlines() if "HBM" in l)
     row = json.loads(json.dumps(bigger.to_json()))
     assert row["projection"]["v5e"]["fits_hbm"] is True
     table = plan.markdown_table([row], batches=(1, 4), fsdps=(8,), remats=("off",))
+    assert table.splitlines()[0].startswith("Compiled by XLA:CPU (" + plan.CPU_CAVEAT)
     assert "| off | 1 | 8 | not computed |" in table and "| off | 4 | 8 | " in table
 
 
@@ -75,3 +81,21 @@ def test_sweep_grid_order_and_errors():
     assert grid[0] == {"remat": "nothing_saveable", "batch": "1", "fsdp": "8"} and len(grid) == 4
     with pytest.raises(ValueError, match="bad axis"):
         plan.sweep_settings("tensor=2")
+
+
+def test_the_plan_compiles_what_the_trainer_sets_up():
+    """plan.py's abstract teacher and student go through the trainer's own ``abstract_setup``:
+    every state, frozen and aux leaf has the shape, dtype and sharding that ``train.setup`` places
+    (with the frozen teacher copy of ``distill.predictor=teacher``)."""
+    from codi_jax import sharding, train
+
+    cfg = _tiny(8)
+    cfg.distill.predictor = "teacher"
+    mesh = sharding.make_mesh(1, 8, jax.devices()[:8])
+    planned = train.abstract_setup(cfg, mesh, *plan.abstract_student(cfg, plan.abstract_teacher(cfg, "")))
+    real = train.setup(cfg, mesh)
+    assert "teacher" in planned.aux
+    for a, b in ((planned.state, real.state), (planned.frozen, real.frozen), (planned.aux, real.aux)):
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert (x.shape, x.dtype, x.sharding) == (y.shape, y.dtype, y.sharding)

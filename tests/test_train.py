@@ -231,10 +231,12 @@ def test_evaluation_ema_is_separate_from_the_consistency_target():
 
 def test_evaluation_during_training_writes_the_curve(tmp_path):
     """eval.every: the EMA is evaluated on every split while training, the online weights beside
-    it at the end, each line in eval_log.jsonl; train metrics in train_log.jsonl."""
+    it at the end, each line in eval_log.jsonl; train metrics in train_log.jsonl, with images/s
+    and MFU from the ahead-of-time compiled step's FLOPs (compile_log.jsonl), the evaluation's
+    time left out of them."""
     import json
 
-    cfg = tiny_config(num_steps=4)
+    cfg = tiny_config(num_steps=4, peak_flops_per_chip=1e12)
     cfg.eval.num_examples, cfg.eval.batch_size, cfg.eval.steps, cfg.eval.every = 8, 8, (1,), 2
     cfg.data.embedded.eval_crops_per_image, cfg.data.embedded.procedural_eval = 1, 4
     cfg.data.embedded.natural_repeats, cfg.data.embedded.procedural_train = 1, 4
@@ -246,7 +248,52 @@ def test_evaluation_during_training_writes_the_curve(tmp_path):
     assert results["samplers"]["codi"]["1"] == lines[2]["samplers"]["codi"]["1"]
     assert set(results["splits"]) == {"eval_procedural"} and "online" in results
     assert "condition" in results  # SR's trivial baseline: the bicubic-upsampled input
-    steps = [json.loads(l)["step"] for l in open(tmp_path / "train_log.jsonl")]
-    assert steps == [1, 2, 3, 4]
+    train_log = [json.loads(l) for l in open(tmp_path / "train_log.jsonl")]
+    assert [l["step"] for l in train_log] == [1, 2, 3, 4]
+    (compiled,) = [json.loads(l) for l in open(tmp_path / "compile_log.jsonl")]
+    assert compiled["step"] == 0 and compiled["backend"] == "cpu" and compiled["flops"] > 0
+    assert compiled["temp_bytes"] > 0 and compiled["peak_flops_per_chip"] == 1e12
+    # Step 2's interval held the evaluation after it: no figure rather than a wrong one.
+    timed = [l for l in train_log if "images_per_second" in l]
+    assert [l["step"] for l in timed] == [1, 3, 4]
+    for l in timed:
+        assert l["images_per_second"] == pytest.approx(8 * l["steps_per_second"])
+        assert l["mfu"] == pytest.approx(compiled["flops"] * l["steps_per_second"] / 1e12)
     for name in ("eval_samples.png", "eval_online_samples.png", "eval_procedural_samples.png"):
         assert (tmp_path / name).exists()
+
+
+def test_setup_leaves_only_the_placed_shards_on_the_devices():
+    """The pipeline's weights (UNet, VAE) are read and adapted on the host and placed once: after
+    ``setup`` the new device buffers are exactly the state, frozen and aux trees, each with the
+    sharding the fsdp rule gives it, and no unsharded copy of the teacher stays alive."""
+    import gc
+    import math
+
+    from codi_jax import config_lib
+
+    cfg = config_lib.base_config("sr")  # the embedded latent teacher, read from its folder
+    cfg.distill.predictor = "teacher"   # an aux copy of the teacher's UNet too
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.min_shard_size = 1, 8, 64
+    gc.collect()
+    before = jax.live_arrays()  # kept alive, so no new array can reuse one of their ids
+    s = train.setup(cfg, sharding.make_mesh(1, 8))
+    gc.collect()
+    seen = {id(a) for a in before}
+    new = [a for a in jax.live_arrays() if id(a) not in seen]
+    placed = jax.tree.leaves((s.state, s.frozen, s.aux))
+    assert {"vae", "teacher"} <= set(s.aux)
+    assert sorted(map(id, new)) == sorted(map(id, placed))
+    for tree, shardings in ((s.state, s.state_sharding), (s.frozen, s.frozen_sharding), (s.aux, s.aux_sharding)):
+        for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+            assert x.sharding == sh
+    # Per device: the bytes the shardings imply, and for the sharded majority 1/8 of the whole.
+    implied = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in placed)
+    for device in jax.devices():
+        on_device = sum(sh.data.nbytes for x in new for sh in x.addressable_shards if sh.device == device)
+        assert on_device == implied
+    total = sum(x.nbytes for x in placed)
+    assert implied < 0.2 * total
+    # The student's teacher points at the placed VAE; of its UNet only the shapes remain.
+    assert s.student.teacher.vae_params is s.aux["vae"]
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(s.student.teacher.unet_params))
