@@ -691,12 +691,15 @@ def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str,
     if force or (step + 1) % cfg.train.log_every == 0:
         scalars = {k: float(v) for k, v in metrics.items()}
         # Fetching this step's metrics waited for it to finish: the time since the last log point
-        # covers exactly the steps in between.
-        scalars.update(speed.record(step + 1) if speed is not None else {})
-        writer.write_scalars(step + 1, {f"train/{k}": v for k, v in scalars.items()})
+        # covers exactly the steps in between. Under perf/, apart from the run's train/ values
+        # (which are the same on any machine).
+        perf = speed.record(step + 1) if speed is not None else {}
+        writer.write_scalars(step + 1, {**{f"train/{k}": v for k, v in scalars.items()},
+                                        **{f"perf/{k}": v for k, v in perf.items()}})
         logging.info("step %d/%d: loss %.4g%s%s", step + 1, cfg.train.num_steps, scalars["loss"],
-                     f", {scalars['images_per_second']:.1f} images/s" if "images_per_second" in scalars else "",
-                     f", MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
+                     f", {perf['images_per_second']:.1f} images/s" if "images_per_second" in perf else "",
+                     f", MFU {perf['mfu']:.1%}" if "mfu" in perf else "")
+        scalars.update(perf)
         # The curve as a small text file, to commit with results.
         append_jsonl(workdir, "train_log.jsonl", {"step": step + 1, **scalars})
 

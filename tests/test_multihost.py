@@ -6,6 +6,7 @@ reads only its own data shard."""
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,10 +40,10 @@ def _config():
     return override(config_lib.base_config("sr"), OVERRIDES)
 
 
-def _config_file(path):
+def _config_file(path, overrides=OVERRIDES):
     lines = ["from codi_jax import config_lib", "", "", "def get_config(arg=None):",
              "    c = config_lib.base_config('sr')"]
-    lines += [f"    c.{key} = {value!r}" for key, value in OVERRIDES]
+    lines += [f"    c.{key} = {value!r}" for key, value in overrides]
     lines.append("    return c")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -83,6 +84,45 @@ def _shard_iterator(cfg, process_count):
     return make
 
 
+def _run_two_workers(tmp_path, overrides, workdir, while_running=None):
+    """Runs ``python -m codi_jax.main`` as two processes of one run (4 virtual devices each) on
+    ``overrides``' config, calling ``while_running(procs)`` every half second until both exit;
+    fails with both logs' tails unless both exit 0."""
+    config_path = str(tmp_path / "tiny_config.py")
+    _config_file(config_path, overrides)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    address = f"localhost:{_free_port()}"
+    procs, logs = [], []
+    try:
+        for p in range(2):
+            log = open(tmp_path / f"worker{p}.log", "w")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(tmp_path / f"records{p}.json"),
+                 f"--config={config_path}", f"--workdir={workdir}", f"--coordinator_address={address}",
+                 "--num_processes=2", f"--process_id={p}"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        # Wait for both; stop early when one fails (the other would block in a collective until
+        # the coordinator gives up).
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            if time.monotonic() > deadline:
+                pytest.fail(f"multi-process run did not finish in {TIMEOUT_S} s")
+            if while_running is not None:
+                while_running(procs)
+            time.sleep(0.5)
+    finally:
+        for proc in procs:  # whatever happened (timeout, failure, Ctrl-C): no process outlives the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    tails = "\n".join(f"--- worker {p}:\n" + (tmp_path / f"worker{p}.log").read_text()[-3000:] for p in range(2))
+    assert [proc.returncode for proc in procs] == [0, 0], tails
+
+
 def test_resolve_topology_from_flags_env_and_clusters():
     assert distributed.resolve(environ={}, tpu_vm=False).kind == "none"
     explicit = distributed.resolve("h:1234", 4, 3, environ={}, tpu_vm=False)
@@ -115,37 +155,8 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path, monkeypatch):
     ref = _scalars(ref_dir)
     assert [s for s, _ in ref["train/loss"]] == [1, 2, 3, 4]
 
-    mp_dir, config_path = str(tmp_path / "multi"), str(tmp_path / "tiny_config.py")
-    _config_file(config_path)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    address = f"localhost:{_free_port()}"
-    procs, logs = [], []
-    try:
-        for p in range(2):
-            log = open(tmp_path / f"worker{p}.log", "w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(tmp_path / f"records{p}.json"),
-                 f"--config={config_path}", f"--workdir={mp_dir}", f"--coordinator_address={address}",
-                 "--num_processes=2", f"--process_id={p}"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        # Wait for both; stop early when one fails (the other would block in a collective until
-        # the coordinator gives up).
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-            if time.monotonic() > deadline:
-                pytest.fail(f"multi-process run did not finish in {TIMEOUT_S} s")
-            time.sleep(0.5)
-    finally:
-        for proc in procs:  # whatever happened (timeout, failure, Ctrl-C): no process outlives the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    tails = "\n".join(f"--- worker {p}:\n" + (tmp_path / f"worker{p}.log").read_text()[-3000:] for p in range(2))
-    assert [proc.returncode for proc in procs] == [0, 0], tails
+    mp_dir = str(tmp_path / "multi")
+    _run_two_workers(tmp_path, OVERRIDES, mp_dir)
     assert "process 1 of 2" in (tmp_path / "worker1.log").read_text(), "jax.distributed was not initialised"
 
     # The loss trajectory (and every logged training scalar) equals the single process's.
@@ -186,3 +197,25 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path, monkeypatch):
     assert exported.keys() == expected.keys()
     for k in expected:
         np.testing.assert_allclose(exported[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice reaches one host only: JAX's preemption sync manager (no collective of
+    ours per step) agrees on one step, at which both processes save one checkpoint together and
+    exit cleanly (status 0, so the scheduler's rerun resumes)."""
+    workdir = str(tmp_path / "multi")
+    overrides = OVERRIDES + (("train.num_steps", 10_000), ("train.checkpoint_every", 10_000), ("export", False))
+    log = os.path.join(workdir, "train_log.jsonl")
+    sent = []
+
+    def preempt_process_1_once_training(procs):
+        if not sent and os.path.exists(log) and len(open(log).read().splitlines()) >= 2:
+            procs[1].send_signal(signal.SIGTERM)
+            sent.append(time.monotonic())
+
+    _run_two_workers(tmp_path, overrides, workdir, preempt_process_1_once_training)
+    assert sent, "the run ended before it was preempted"
+    (step,) = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+    assert 2 <= step < 10_000
+    for p in range(2):
+        assert f"SIGTERM: saved step {step} and stopped" in (tmp_path / f"worker{p}.log").read_text(), p
