@@ -75,11 +75,20 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         with open(index_path, "w") as f:
             json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "codi.json"), "w") as f:
+            task = cfg.data.task
             json.dump({"adapted_config": {k: v for k, v in student.config.items() if k != "unet"},
                        "prediction_type": teacher.prediction_type, "grid": cfg.distill.grid,
-                       "text_layer": student.text_layer}, f, indent=2, default=list)
+                       "text_layer": student.text_layer, "prompt": student.prompt,
+                       # What `codi_jax.predict` needs to build conditions as the training did.
+                       "task": task, "image_size": cfg.data.image_size,
+                       "task_options": cfg.data[task].to_dict() if task in TASK_OPTIONS else {}},
+                      f, indent=2, default=list)
 
     return write_folder_atomically(out_dir, write)
+
+
+# The tasks whose data config section (``data.<task>``) shapes the condition at prediction time.
+TASK_OPTIONS = ("sr", "depth", "canny")
 
 
 def _scheduler_config(teacher: Teacher) -> dict:
@@ -107,6 +116,7 @@ def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dic
     m.pretrained = path
     m.prediction_type = meta["prediction_type"]
     m.text_layer = meta.get("text_layer", "last")
+    m.prompt = meta.get("prompt", "")
     for k, v in model_overrides.items():
         setattr(m, k, v)
     teacher = load_teacher(m, jax.random.PRNGKey(0))

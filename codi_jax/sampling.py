@@ -89,6 +89,21 @@ def make_grid_sample_fn(student: Student, sampler_name: str, grid: int) -> Calla
     return sample
 
 
+def make_codi_latents_fn(student: Student, grid: int, num_steps: int) -> Callable:
+    """``latents(params, aux, cond, text, z) -> x̂`` (jit it): CoDi's sampler from a given initial
+    noise ``z`` in the model's data space, the condition ``cond`` in pixels, no decoding. Tiled
+    prediction draws the noise once for the whole picture and blends the tiles' x̂ before decoding."""
+    schedule, prediction_type = student.teacher.schedule, student.teacher.prediction_type
+
+    def latents(params, aux, cond, text, z):
+        c, context = student.encode_cond(aux, cond), student.context(aux, text)
+        model_fn = lambda z, t: student.model_fn(params, z, t, c, context)
+        denoise = diffusion.make_denoiser(model_fn, schedule, prediction_type)
+        return diffusion.codi_sample(denoise, z, schedule, num_steps, grid)
+
+    return latents
+
+
 def _sample_fn(student: Student, run: Callable) -> Callable:
     """The shared frame of a sampler: VAE/text preparation, the initial noise, decoding."""
 
