@@ -92,3 +92,47 @@ def test_command_line_with_the_embedded_model(tmp_path):
                           f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'o'}"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert bad.returncode != 0 and "neither a file nor a folder" in bad.stderr
+
+
+@pytest.mark.parametrize("task", ["depth", "inpaint", "canny", "edit"])
+def test_every_task_of_codi_json(task, tmp_path):
+    """A tiny untrained model of each task, exported as training exports it, runs on its kind of
+    input at the input's size; inpainting keeps the known pixels and names a mask of the wrong size."""
+    from codi_jax import sharding, train
+    from codi_jax.export import export
+    from tiny import tiny_config
+
+    import jax
+
+    cfg = tiny_config()
+    cfg.data.task = task
+    parts = train.setup(cfg, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    model = export(parts.student, train.final_params(parts.state, parts.frozen), str(tmp_path / "export"), cfg)
+    rng = np.random.default_rng(2)
+    picture = rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)
+    src = tmp_path / "in"
+    src.mkdir()
+    kwargs = {}
+    if task == "depth":
+        np.save(src / "d.npy", rng.uniform(1, 10, (24, 20)).astype(np.float32))
+    else:
+        Image.fromarray(picture).save(src / "d.png")
+    if task == "inpaint":
+        masks = tmp_path / "masks"
+        masks.mkdir()
+        hole = np.zeros((24, 20), np.uint8)
+        hole[6:14, 4:12] = 255
+        Image.fromarray(hole).save(masks / "d.png")
+        Image.fromarray(picture).save(src / "e.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(masks / "e.png")  # the wrong size
+        kwargs["mask"] = str(masks)
+    written, skipped = predict.run(model, str(src), str(tmp_path / "out"), steps=1, progress=False,
+                                   prompt="make it blue" if task == "edit" else "", **kwargs)
+    out = np.asarray(Image.open(tmp_path / "out" / "d.png"))
+    assert out.shape == (24, 20, 3)
+    if task == "inpaint":
+        keep = hole == 0
+        np.testing.assert_array_equal(out[keep], picture[keep])
+        assert len(skipped) == 1 and "e.png" in skipped[0] and "8x8" in skipped[0]
+    else:
+        assert not skipped
