@@ -119,8 +119,10 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
             # there is; a real pod slice always has the metadata JAX reads.
             logging.info("jax.distributed: not initialised on this TPU VM (%s); single process", err)
             return Plan("none")
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    from codi_jax import console
+
+    console.say(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+                f"{jax.local_device_count()} local / {jax.device_count()} global devices", every_process=True)
     return plan
 
 

@@ -28,7 +28,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from codi_jax import distributed
+    from codi_jax import console, distributed
+
+    if not FLAGS["verbosity"].present:  # --verbosity=0 (INFO) shows every library's lines again
+        console.quiet()
 
     # Before anything touches a JAX backend: the distributed runtime must come first.
     distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -42,8 +45,8 @@ def main(argv):
     if FLAGS.mode:
         cfg.mode = FLAGS.mode
     logging.info("config:\n%s", cfg)
-    logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
-                 jax.process_count())
+    console.say(f"devices: {jax.device_count()} ({jax.devices()[0].device_kind}), processes: "
+                f"{jax.process_count()}; workdir {FLAGS.workdir}")
     if cfg.mode not in ("train", "eval", "export"):
         raise ValueError(f"mode: unknown value {cfg.mode!r}; known: ['train', 'eval', 'export']")
     if cfg.mode == "export" and cfg.objective == "autoencoder":
@@ -52,7 +55,7 @@ def main(argv):
         if cfg.mode == "eval":
             train.evaluate_checkpoint(cfg, FLAGS.workdir)
         elif cfg.mode == "export":
-            logging.info("exported %s", train.export_checkpoint(cfg, FLAGS.workdir))
+            console.say(f"exported {train.export_checkpoint(cfg, FLAGS.workdir)}")
         elif cfg.objective == "autoencoder":
             from codi_jax import autoencoder
 

@@ -25,7 +25,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from codi_jax import diffusion, distributed, evaluate, sharding, throughput
+from codi_jax import console, diffusion, distributed, evaluate, sharding, throughput
 from codi_jax.distill import (CMLossConfig, CoDiLossConfig, ProgressiveLossConfig, ema_update,
                               make_cm_loss, make_codi_loss, make_progressive_loss)
 from codi_jax.export import export, load_exported
@@ -537,7 +537,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = restore_latest(mgr, parts.abstract_state())
     if restored is not None:
         state = restored
-        logging.info("resumed from step %d", int(state["step"]))
+        console.say(f"resumed from step {int(state['step'])}")
     start = int(state["step"])
     step_fn = None
     base_rng = jax.device_put(jax.device_get(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)),
@@ -631,6 +631,7 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
         res = evaluate.run(cfg, student, final_params(state, frozen, weights), aux, workdir,
                            writer=writer, step=step, name=name, split=split, samplers=samplers)
         append_jsonl(workdir, "eval_log.jsonl", {"step": step, "split": split, "weights": weights, **res})
+        console.say(f"{name} at step {step}: {evaluate.summary_line(res)}")
         if i == 0:
             out = dict(res)
         elif weights == "ema":
@@ -669,8 +670,8 @@ def _log_compiled(cost: throughput.StepCost, cfg: ml_collections.ConfigDict, mes
     ``compile_log.jsonl``) and returns the throughput meter that starts with it."""
     device = mesh.devices.flat[0]
     peak = throughput.peak_flops(device.device_kind, cfg.train.peak_flops_per_chip)
-    logging.info("%s; %s: peak %s", cost.summary(), device.device_kind,
-                 f"{peak / 1e12:.0f} TFLOP/s bf16" if peak else "unknown (no MFU; set train.peak_flops_per_chip)")
+    console.say(f"{cost.summary()}; {device.device_kind} x {mesh.size}: peak "
+                + (f"{peak / 1e12:.0f} TFLOP/s bf16" if peak else "unknown (no MFU; set train.peak_flops_per_chip)"))
     record = dict(dataclasses.asdict(cost), peak_bytes=cost.peak_bytes, device_kind=device.device_kind,
                   devices=mesh.size, peak_flops_per_chip=peak)
     writer.write_scalars(step, {f"compile/{k}": float(v) for k, v in record.items()
@@ -696,9 +697,7 @@ def _check_and_log(step: int, metrics: dict, writer, cfg, workdir: str,
         perf = speed.record(step + 1) if speed is not None else {}
         writer.write_scalars(step + 1, {**{f"train/{k}": v for k, v in scalars.items()},
                                         **{f"perf/{k}": v for k, v in perf.items()}})
-        logging.info("step %d/%d: loss %.4g%s%s", step + 1, cfg.train.num_steps, scalars["loss"],
-                     f", {perf['images_per_second']:.1f} images/s" if "images_per_second" in perf else "",
-                     f", MFU {perf['mfu']:.1%}" if "mfu" in perf else "")
+        console.say(console.progress_line(step + 1, cfg.train.num_steps, scalars["loss"], perf))
         scalars.update(perf)
         # The curve as a small text file, to commit with results.
         append_jsonl(workdir, "train_log.jsonl", {"step": step + 1, **scalars})
