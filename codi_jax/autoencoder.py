@@ -111,7 +111,7 @@ def evaluate(vae: AutoencoderKL, params: Any, cfg: ml_collections.ConfigDict, me
     for split in tuple(cfg.eval.splits) or (cfg.data.eval_split,):
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
         data_cfg.eval_split = split
-        ds = data_lib.make_eval_dataset(data_cfg, batch_size=cfg.eval.batch_size)
+        ds = data_lib.make_eval_dataset(data_cfg, global_batch_size=cfg.eval.batch_size)
         total = {"psnr": 0.0, "ssim": 0.0, "count": 0.0}
         for b, local in enumerate(ds):
             if b * cfg.eval.batch_size >= cfg.eval.num_examples:

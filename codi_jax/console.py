@@ -7,16 +7,15 @@ JSON files get everything either way.
 from __future__ import annotations
 
 import logging as std_logging
-import os
 
 from absl import logging
 
 
 def quiet() -> None:
-    """Warnings and above only, for absl, Python's other loggers and TensorFlow's C++ side."""
+    """Warnings and above only, for absl and Python's other loggers (TensorFlow's C++ side:
+    ``TF_CPP_MIN_LOG_LEVEL``, set by ``codi_jax.main`` before anything imports TensorFlow)."""
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger().setLevel(std_logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def say(message: str, every_process: bool = False) -> None:

@@ -128,7 +128,7 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     if split is not None and split != cfg.data.eval_split:
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
         data_cfg.eval_split = split
-    dataset = data_lib.make_eval_dataset(data_cfg, batch_size=cfg.eval.batch_size)
+    dataset = data_lib.make_eval_dataset(data_cfg, global_batch_size=cfg.eval.batch_size)
     max_batches = max(1, -(-cfg.eval.num_examples // cfg.eval.batch_size))
     steps = [int(n) for n in cfg.eval.steps]
     cm = CMLossConfig.from_mapping(cfg.cm.to_dict())

@@ -9,8 +9,14 @@ objective, the data; ``train.RESUME_KEYS``) is refused with the differing keys.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import os
+
+# TensorFlow's C++ INFO lines (oneDNN notices) print when the config file's imports load it,
+# before --verbosity is read; they are never the run's news. Set the variable to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<task>.py file (':<preset>,<preset>,key=value' "
                                 "picks presets). Without it, the config saved with the workdir's newest "

@@ -102,17 +102,20 @@ def test_batch_must_divide_over_processes(demo_dir):
 
 def test_eval_split_padded_deterministic_and_sharded(demo_dir):
     cfg = demo_cfg("inpaint", demo_dir)
-    shards = [data.make_eval_dataset(cfg, batch_size=6, process_index=p, process_count=2) for p in range(2)]
+    shards = [data.make_eval_dataset(cfg, global_batch_size=12, process_index=p, process_count=2) for p in range(2)]
     runs = [list(ev) for ev in shards]
-    assert len(runs[0]) == len(runs[1]) == len(shards[0]) == 3  # ceil(ceil(32 / 2) / 6)
+    assert len(runs[0]) == len(runs[1]) == len(shards[0]) == 3  # ceil(32 / 12)
     assert sum(int(b["mask"].sum()) for r in runs for b in r) == 32
-    assert not runs[0][-1]["mask"][-1]  # padding is masked out
+    # The last global batch holds records 24..35: process 1's slice is 30..35, 32..35 padding.
+    assert runs[0][-1]["mask"].all() and runs[1][-1]["mask"].tolist() == [True] * 2 + [False] * 4
     again = list(shards[0])
     for a, b in zip(runs[0], again):
         np.testing.assert_array_equal(a["cond"], b["cond"])
-    # Degradations are keyed by the global record index: same examples whatever the process count.
-    single = list(data.make_eval_dataset(cfg, batch_size=16, process_index=0, process_count=1))
+    # A global batch is the same records (and degradations) whatever the process count.
+    single = list(data.make_eval_dataset(cfg, global_batch_size=12, process_index=0, process_count=1))
     np.testing.assert_array_equal(single[0]["cond"][:6], runs[0][0]["cond"])
+    np.testing.assert_array_equal(single[0]["cond"][6:], runs[1][0]["cond"])
+    np.testing.assert_array_equal(single[1]["image"][6:], runs[1][1]["image"])
 
 
 def test_unknown_source_and_tfds_errors(demo_dir):
@@ -261,13 +264,13 @@ def test_folder_eval_resizes_short_side_and_center_crops(tmp_path):
     cfg.source = f"folder:{tmp_path / 'val'}"
     cfg.eval_split = str(tmp_path / "val")
     cfg.resize_short_side = 32
-    (batch,) = list(data.make_eval_dataset(cfg, batch_size=2, process_index=0, process_count=1))
+    (batch,) = list(data.make_eval_dataset(cfg, global_batch_size=2, process_index=0, process_count=1))
     assert batch["mask"].tolist() == [True, False]
     expected = np.asarray(Image.fromarray(big).resize((48, 32), Image.BICUBIC, reducing_gap=3.0))[:, 8:40]
     np.testing.assert_allclose(batch["image"][0], expected / 127.5 - 1.0, atol=1e-5)
     cfg.eval_split = "eval"
     with pytest.raises(ValueError, match="must be a folder path"):
-        data.make_eval_dataset(cfg, batch_size=2, process_index=0, process_count=1)
+        data.make_eval_dataset(cfg, global_batch_size=2, process_index=0, process_count=1)
 
 
 def test_strict_bad_file_at_load_is_a_clear_error(tmp_path):

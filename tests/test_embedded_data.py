@@ -127,7 +127,7 @@ def test_channel_permutation_permutes_the_same_crop():
 def test_eval_splits_through_the_pipeline(split):
     cfg = small_cfg()
     cfg.eval_split = split
-    batches = list(data.make_eval_dataset(cfg, batch_size=4, process_index=0, process_count=1))
+    batches = list(data.make_eval_dataset(cfg, global_batch_size=4, process_index=0, process_count=1))
     n = sum(int(b["mask"].sum()) for b in batches)
     assert n == (3 * len(embedded.HELD_OUT_IMAGES) if split == "eval" else 2)
     assert batches[0]["cond"].shape == (4, 32, 32, 3)

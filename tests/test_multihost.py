@@ -30,8 +30,12 @@ OVERRIDES = TINY_OVERRIDES + (
     # fsdp over all 8 devices: parameters and optimizer state are split across the two processes,
     # so the gradient all-reduce, checkpoint writes and the export gather all cross processes.
     ("mesh.data", 1), ("mesh.fsdp", 8), ("mesh.min_shard_size", 64),
-    # Evaluation stays off to keep the test short (it runs collectively like the step); the export
-    # is on: process 0 writes it from parameters half of which live in process 1.
+    # A short evaluation at the end (it runs collectively like the step): eval.batch_size is the
+    # global batch, and each global batch is the same records for any process count, so both runs
+    # score the same 8 of the split's 16 examples. The export is on: process 0 writes it
+    # from parameters half of which live in process 1.
+    ("eval.num_examples", 8), ("eval.batch_size", 8), ("eval.steps", (1,)), ("eval.splits", ("eval",)),
+    ("eval.online", False), ("data.embedded.eval_crops_per_image", 4),
     ("export", True),
 )
 
@@ -172,7 +176,7 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path, monkeypatch):
     records = [json.loads((tmp_path / f"records{p}.json").read_text()) for p in range(2)]
     train_split = [name for name in records[0] if name.endswith(":train")]
     assert train_split, records[0].keys()
-    for name in records[0]:
+    for name in train_split:
         (o0, n0, total), (o1, n1, total1) = records[0][name]["shard"], records[1][name]["shard"]
         assert total == total1 and (o0, o0 + n0, o1 + n1) == (0, o1, total), (name, records[0][name]["shard"])
         read0, read1 = set(records[0][name]["read"]), set(records[1][name]["read"])
@@ -189,6 +193,14 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path, monkeypatch):
     assert int(restored["step"]) == 4
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(reference))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # The evaluation visited eval.num_examples examples in all, not per process, and scored them
+    # as the single process did.
+    single, multi_eval = (json.loads(open(os.path.join(d, "eval.json")).read()) for d in (ref_dir, mp_dir))
+    assert single["num_examples"] == multi_eval["num_examples"] == 8
+    for k in ("psnr", "ssim"):
+        np.testing.assert_allclose(multi_eval["samplers"]["codi"]["1"][k], single["samplers"]["codi"]["1"][k],
+                                   rtol=1e-4, err_msg=k)
 
     from safetensors.numpy import load_file
 

@@ -49,7 +49,7 @@ def main() -> None:
     fns = {leak: jax.jit(lambda b, r, leak=leak: one_step(b, r, leak)) for leak in (False, True)}
     sums = {k: {"psnr": 0.0, "ssim": 0.0} for k in ("noise", "leaked")}
     count = 0
-    for i, batch in enumerate(data_lib.make_eval_dataset(cfg, batch_size=16, process_index=0, process_count=1)):
+    for i, batch in enumerate(data_lib.make_eval_dataset(cfg, global_batch_size=16, process_index=0, process_count=1)):
         if count >= args.num:
             break
         keep = batch.pop("mask").astype(bool)

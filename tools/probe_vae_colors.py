@@ -46,7 +46,7 @@ def main() -> None:
     rows: dict[str, dict[str, list]] = {n: {"rec": [], "rec_mean_removed": [], "color_error": [],
                                             "bicubic": [], "input_through_vae": []} for n in names}
     seen = 0
-    for batch in data_lib.make_eval_dataset(cfg, batch_size=32, process_index=0, process_count=1):
+    for batch in data_lib.make_eval_dataset(cfg, global_batch_size=32, process_index=0, process_count=1):
         keep = np.asarray(batch["mask"]).astype(bool)
         image, cond = jnp.asarray(batch["image"]), jnp.asarray(batch["cond"])[..., :3]
         rec = rec_fn(image)

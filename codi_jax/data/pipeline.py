@@ -356,22 +356,27 @@ def make_train_iterator(
 class EvalDataset:
     """The held-out split for this process: a finite, re-iterable sequence of batches.
 
-    Every process yields the same number of batches (needed for collective eval steps). The last
-    batch is padded to full size; the boolean ``mask`` key is False on padding and on unreadable
-    records, so metrics must weight examples by it. Degradations/masks are keyed by
-    (``cfg.eval_seed``, global record index): identical across runs and process counts.
+    Global batch ``b`` is the split's records ``[b·G, (b+1)·G)`` (``G`` = ``batch_size`` × the
+    process count), process ``p`` holding its ``p``-th slice of ``batch_size`` of them: the
+    examples of each global batch, and so a truncated evaluation (``eval.num_examples``), are
+    the same whatever the process count. Every process yields the same number of batches (needed
+    for collective eval steps). The last batch is padded to full size; the boolean ``mask`` key is
+    False on padding and on unreadable records, so metrics must weight examples by it.
+    Degradations/masks are keyed by (``cfg.eval_seed``, record index): identical across runs.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, batch_size: int, process_index: int, process_count: int):
         self.cfg, self.batch_size = cfg, batch_size
         task = get_task(cfg.task)
-        self.source = open_source(cfg, cfg.eval_split, process_index, process_count)
-        self.num_batches = math.ceil(math.ceil(self.source.total / process_count) / batch_size)
+        # The whole split: a process reads its slice of every global batch, not a contiguous shard.
+        self.source = open_source(cfg, cfg.eval_split, 0, 1)
+        n, global_batch = len(self.source), batch_size * process_count
+        self.num_batches = math.ceil(n / global_batch)
         loader = ExampleLoader(self.source, task, cfg, training=False, seed=cfg.eval_seed)
-        n, offset = len(self.source), self.source.offset
 
         def locate(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return tf.where(i < n, i, -1), offset + i
+            g = (i // batch_size) * global_batch + process_index * batch_size + i % batch_size
+            return tf.where(g < n, g, -1), g
 
         ds = tf.data.Dataset.range(self.num_batches * batch_size).map(locate)
         ds = ds.map(_element_fn(loader, task, cfg, cfg.eval_seed), num_parallel_calls=_parallel(cfg))
@@ -391,10 +396,14 @@ class EvalDataset:
 def make_eval_dataset(
     cfg: ml_collections.ConfigDict,
     *,
-    batch_size: int,
+    global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> EvalDataset:
-    """This process's batches of the held-out split ``cfg.eval_split`` (see ``EvalDataset``)."""
+    """This process's batches of the held-out split ``cfg.eval_split`` (see ``EvalDataset``): its
+    ``global_batch_size / process_count`` examples of each global batch, as for training."""
     p, n_proc = _process(process_index, process_count)
-    return EvalDataset(cfg, batch_size, p, n_proc)
+    if global_batch_size % n_proc:
+        raise ValueError(f"eval.batch_size: the global batch of {global_batch_size} does not split "
+                         f"over {n_proc} processes")
+    return EvalDataset(cfg, global_batch_size // n_proc, p, n_proc)
