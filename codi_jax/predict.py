@@ -343,23 +343,25 @@ def run(model: str, input_path: str, output: str, steps: int = 4, seed: int = 0,
     return written, skipped
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "An export folder, or embedded:<name> (e.g. embedded:demo_codi_sr).")
-flags.DEFINE_string("input", None, "A picture, or a folder of them (searched recursively).")
-flags.DEFINE_string("output", None, "The folder the outputs are written to, as <input stem>.png.")
-flags.DEFINE_integer("steps", 4, "Sampling steps on the model's teacher grid (1, 2, 4, 8 ...).")
-flags.DEFINE_integer("seed", 0, "The initial noise's seed (the same for every picture).")
-flags.DEFINE_string("prompt", "", "Text for models that read it; for editing, the instruction.")
-flags.DEFINE_integer("tile", 0, "Tile side in output pixels; 0 = the model's training size.")
-flags.DEFINE_integer("overlap", -1, "Overlap of neighbouring tiles in output pixels; -1 = tile / 4.")
-flags.DEFINE_integer("batch", 1, "Tiles per model call.")
-flags.DEFINE_bool("color_fix", True, "Super-resolution: low frequencies (colour) from the bicubic input, "
-                  "the model's own detail (the wavelet colour fix the evaluation reports as +colorfix).")
-flags.DEFINE_string("mask", "", "Inpainting: a mask file, or a folder of masks named as the inputs (white = fill).")
+def _define_flags() -> None:
+    """The command's flags, defined only when this module is the command (``evaluate`` shares names)."""
+    flags.DEFINE_string("model", None, "An export folder, or embedded:<name> (e.g. embedded:demo_codi_sr).")
+    flags.DEFINE_string("input", None, "A picture, or a folder of them (searched recursively).")
+    flags.DEFINE_string("output", None, "The folder the outputs are written to, as <input stem>.png.")
+    flags.DEFINE_integer("steps", 4, "Sampling steps on the model's teacher grid (1, 2, 4, 8 ...).")
+    flags.DEFINE_integer("seed", 0, "The initial noise's seed (the same for every picture).")
+    flags.DEFINE_string("prompt", "", "Text for models that read it; for editing, the instruction.")
+    flags.DEFINE_integer("tile", 0, "Tile side in output pixels; 0 = the model's training size.")
+    flags.DEFINE_integer("overlap", -1, "Overlap of neighbouring tiles in output pixels; -1 = tile / 4.")
+    flags.DEFINE_integer("batch", 1, "Tiles per model call.")
+    flags.DEFINE_bool("color_fix", True, "Super-resolution: low frequencies (colour) from the bicubic input, "
+                      "the model's own detail (the wavelet colour fix the evaluation reports as +colorfix).")
+    flags.DEFINE_string("mask", "", "Inpainting: a mask file, or a folder of masks named as the inputs (white = fill).")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS = flags.FLAGS
     for name in ("model", "input", "output"):
         if not getattr(FLAGS, name):
             sys.exit(f"predict: --{name} is required")
@@ -376,4 +378,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,0 +1,157 @@
+"""A super-resolution model on a paired test set, scored as the SR literature scores it
+(``python -m codi_jax.evaluate --model=... --dataset=folder:<path> --steps=1,2,4 --output=...``).
+
+The test set is a folder in the RealSR / DRealSR / DIV2K-val layout: ``HR/`` and ``LR/`` with
+matching file names (stems), or ``HR/`` alone, whose LR pictures are then made by the declared
+degradation (``bicubic``: an antialiased bicubic downscale by the model's scale, the classic
+benchmark). Each HR picture is cropped to a multiple of the scale, as the LR's size × scale
+(the StableSR / OSEDiff protocol crops their 512 px patches beforehand; pass those folders).
+The whole LR picture is super-resolved (``codi_jax.predict``'s tiling), so any size works.
+
+Scores (``codi_jax.metrics.sr``): PSNR and SSIM on the Y channel with ``scale`` border pixels
+cropped, and on RGB (labelled ``_rgb``), per picture and averaged; the bicubic upsampling of the LR
+picture is scored beside the model. LPIPS, DISTS and FID need network weights this command does
+not read yet: they are written as not computed, with the reason.
+
+Writes ``eval.json``, ``eval.csv`` (one row per picture and step count), the predicted pictures
+(``steps_<n>/<name>.png``) and ``psnr_vs_steps.png`` (PSNR-Y and SSIM-Y against the step count,
+bicubic as a line: the layout of the CoDi paper's Fig. 5).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from codi_jax import predict
+from codi_jax.metrics import sr as sr_metrics
+
+NOT_COMPUTED = {"lpips": "not computed: the evaluate command reads no LPIPS weights yet",
+                "dists": "not computed: DISTS is not implemented here",
+                "fid": "not computed: the evaluate command computes no FID yet"}
+
+
+def paired_files(root: str) -> list[tuple[str, str | None]]:
+    """(HR file, LR file or None) for each picture of ``root/HR``, matched to ``root/LR`` by stem."""
+    hr_dir, lr_dir = os.path.join(root, "HR"), os.path.join(root, "LR")
+    if not os.path.isdir(hr_dir):
+        raise FileNotFoundError(f"--dataset: {root} has no HR/ folder (the layout is HR/ and LR/ with matching names)")
+    lr = {}
+    if os.path.isdir(lr_dir):
+        lr = {os.path.splitext(n)[0]: os.path.join(lr_dir, n) for n in os.listdir(lr_dir)
+              if n.lower().endswith(predict.IMAGE_EXTENSIONS)}
+    pairs = []
+    for name in sorted(os.listdir(hr_dir)):
+        if not name.lower().endswith(predict.IMAGE_EXTENSIONS):
+            continue
+        stem = os.path.splitext(name)[0]
+        if lr and stem not in lr:
+            raise FileNotFoundError(f"--dataset: {os.path.join(lr_dir, stem)}.* is missing (the pair of HR/{name})")
+        pairs.append((os.path.join(hr_dir, name), lr.get(stem)))
+    if not pairs:
+        raise FileNotFoundError(f"--dataset: no pictures in {hr_dir}")
+    return pairs
+
+
+def _uint8(signed: np.ndarray) -> np.ndarray:
+    return np.round((signed + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def _scores(out: np.ndarray, hr: np.ndarray, scale: int) -> dict:
+    return {"psnr": sr_metrics.psnr(out, hr, scale), "ssim": sr_metrics.ssim(out, hr, scale),
+            "psnr_rgb": sr_metrics.psnr(out, hr, scale, y=False), "ssim_rgb": sr_metrics.ssim(out, hr, scale, y=False)}
+
+
+def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], seed: int = 0,
+                    color_fix: bool = True, tile: int = 0, overlap: int = -1, batch: int = 1,
+                    degradation: str = "bicubic") -> dict:
+    """Scores ``model`` on the paired folder ``root`` at each step count; writes into ``output``."""
+    import tensorflow as tf
+
+    from codi_jax.data import ops
+
+    p = predict.load_predictor(model)
+    if p.task != "sr":
+        raise ValueError(f"--model: the SR protocol needs a super-resolution model; this one's task is {p.task!r}")
+    if degradation != "bicubic":
+        raise ValueError(f"--degradation: unknown value {degradation!r}; known: ['bicubic']")
+    tile = tile or p.image_size
+    overlap = tile // 4 if overlap < 0 else overlap
+    s = p.scale
+    rows, per_step = [], {n: [] for n in steps}
+    bicubic = []
+    for hr_path, lr_path in paired_files(root):
+        hr_full = predict._read_rgb01(hr_path)
+        if lr_path is None:  # the declared degradation
+            side = (hr_full.shape[0] // s, hr_full.shape[1] // s)
+            lr = tf.clip_by_value(tf.image.resize(hr_full, side, "bicubic", antialias=True), 0.0, 1.0).numpy()
+        else:
+            lr = predict._read_rgb01(lr_path)
+        h, w = lr.shape[0] * s, lr.shape[1] * s
+        if hr_full.shape[0] < h or hr_full.shape[1] < w:
+            raise ValueError(f"{hr_path}: {hr_full.shape[1]}x{hr_full.shape[0]} is smaller than its LR "
+                             f"picture x{s} ({w}x{h})")
+        hr = np.round(hr_full[:h, :w] * 255).astype(np.uint8)
+        cond = ops.resize_bicubic(tf.constant(lr), (h, w)).numpy() * 2.0 - 1.0
+        name = os.path.splitext(os.path.basename(hr_path))[0]
+        base = _scores(_uint8(cond), hr, s)
+        bicubic.append(base)
+        rows.append({"picture": name, "method": "bicubic", "steps": "", **base})
+        for n in steps:
+            out = predict.predict(p, cond, n, seed, tile, overlap, batch)
+            if color_fix:
+                out = np.asarray(predict._color_fix(out, cond, s))
+            pixels = _uint8(out)
+            os.makedirs(os.path.join(output, f"steps_{n}"), exist_ok=True)
+            Image.fromarray(pixels).save(os.path.join(output, f"steps_{n}", f"{name}.png"))
+            score = _scores(pixels, hr, s)
+            per_step[n].append(score)
+            rows.append({"picture": name, "method": "codi" + ("+colorfix" if color_fix else ""), "steps": n, **score})
+
+    def mean(scores):
+        return {k: float(np.mean([x[k] for x in scores])) for k in scores[0]}
+
+    results = {"model": model, "dataset": root, "num_pictures": len(bicubic),
+               "protocol": {"scale": s, "crop_border": s, "y_channel": "ITU-R BT.601, Y in [16, 235]",
+                            "ssim": "Gaussian 11x11, sigma 1.5, valid region", "images": "8-bit",
+                            "lr": "LR/ folder" if any(lr for _, lr in paired_files(root)) else f"{degradation} x{s}",
+                            "color_fix": color_fix, "seed": seed, "tile": tile, "overlap": overlap},
+               "steps": {str(n): mean(v) for n, v in per_step.items()}, "bicubic": mean(bicubic),
+               **NOT_COMPUTED}
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(output, "eval.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(results, os.path.join(output, "psnr_vs_steps.png"))
+    return results
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [int(n) for n in results["steps"]]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, label in ((axes[0], "psnr", "PSNR-Y (dB)"), (axes[1], "ssim", "SSIM-Y")):
+        ax.plot(steps, [results["steps"][str(n)][key] for n in steps], "o-", label="CoDi")
+        ax.axhline(results["bicubic"][key], color="gray", ls="--", label="bicubic")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"{os.path.basename(os.path.normpath(results['dataset']))}: {results['num_pictures']} pictures, "
+                 f"x{results['protocol']['scale']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

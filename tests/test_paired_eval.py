@@ -1,0 +1,50 @@
+"""``python -m codi_jax.evaluate`` on a paired HR/LR folder: every promised file, the SR protocol's
+numbers for bicubic, a missing pair named."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from codi_jax import paired_eval
+from codi_jax.metrics import sr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_evaluate_command_on_a_paired_folder(tmp_path):
+    hr_dir, lr_dir = tmp_path / "set" / "HR", tmp_path / "set" / "LR"
+    hr_dir.mkdir(parents=True)
+    lr_dir.mkdir()
+    pictures = {"astronaut": data.astronaut()[100:166:1, 150:218], "coffee": data.coffee()[50:114, 200:264]}
+    for name, hr in pictures.items():  # 66x68: cropped to 64x68, the LR's size x4
+        Image.fromarray(hr).save(hr_dir / f"{name}.png")
+        Image.fromarray(hr[:64]).resize((hr.shape[1] // 4, 16), Image.BICUBIC).save(lr_dir / f"{name}.png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "codi_jax.evaluate", "--model=embedded:demo_codi_sr",
+                           f"--dataset=folder:{tmp_path / 'set'}", "--steps=1", f"--output={out}"],
+                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "eval.json").read_text())
+    assert results["num_pictures"] == 2 and results["protocol"]["crop_border"] == 4
+    assert set(results["steps"]) == {"1"} and results["fid"].startswith("not computed")
+    assert {"eval.csv", "psnr_vs_steps.png", "steps_1"} <= set(os.listdir(out))
+    assert sorted(os.listdir(out / "steps_1")) == ["astronaut.png", "coffee.png"]
+    assert Image.open(out / "steps_1" / "astronaut.png").size == (68, 64)
+    rows = list(csv.DictReader(open(out / "eval.csv")))
+    assert [(r["picture"], r["method"]) for r in rows] == [
+        ("astronaut", "bicubic"), ("astronaut", "codi+colorfix"), ("coffee", "bicubic"), ("coffee", "codi+colorfix")]
+    # The bicubic row is the protocol applied to the bicubic upsampling of the LR file.
+    for r in rows[::2]:
+        assert 15 < float(r["psnr"]) < 40 and 0 < float(r["ssim"]) <= 1
+    assert results["bicubic"]["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows[::2]]))
+
+    (lr_dir / "coffee.png").unlink()
+    with pytest.raises(FileNotFoundError, match="coffee"):
+        paired_eval.paired_files(str(tmp_path / "set"))
