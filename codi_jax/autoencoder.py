@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from codi_jax import models, sharding
+from codi_jax import console, models, sharding, throughput
 from codi_jax.distill import ema_update
 from codi_jax.models.vae import AutoencoderKL
 from codi_jax.modeling import load_vae
@@ -167,11 +167,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     frozen_sh = sharding.tree_shardings(frozen, mesh, cfg.mesh.min_shard_size)
     frozen = jax.device_put(frozen, frozen_sh)
     mgr = checkpoint_manager(workdir, cfg)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
-    restored = restore_latest(mgr, abstract)
+    restored = restore_latest(mgr, sharding.with_shardings(state, state_sh))
     if restored is not None:
         state = restored
-        logging.info("resumed from step %d", int(state["step"]))
+        console.say(f"resumed from step {int(state['step'])}")
     start = int(state["step"])
     step_fn = jax.jit(make_train_step(vae, cfg, tx),
                       in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
@@ -188,8 +187,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, {f"eval/{split}_{k}": v for split, m in results.items()
                                     for k, v in m.items()})
         append_jsonl(workdir, "eval_log.jsonl", {"step": step, **results})
-        logging.info("eval at step %d: %s", step, results)
+        console.say(f"eval at step {step}: " + "; ".join(
+            f"{split} {m['psnr']:.2f} dB / {m['ssim']:.3f}" for split, m in results.items() if "psnr" in m))
         return results
+
+    speed = throughput.Throughput(cfg.train.batch_size, 0.0, None)  # images/s and ETA on the console
+    speed.restart(start)
 
     try:
         for step in range(start, cfg.train.num_steps):
@@ -204,10 +207,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 scalars = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(done))}
                 writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
                 append_jsonl(workdir, "train_log.jsonl", {"step": done, **scalars})
+                console.say(console.progress_line(done, cfg.train.num_steps, scalars["loss"], speed.record(done)))
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
                 save_checkpoint(mgr, done, state, cfg)
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.num_steps:
                 log_eval(done)
+                speed.restart(done)
             if preempted.stop_after(done):
                 save_checkpoint(mgr, done, state, cfg, force=True)
                 mgr.wait_until_finished()

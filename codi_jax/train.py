@@ -22,7 +22,6 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
 from codi_jax import console, diffusion, distributed, evaluate, sharding, throughput
@@ -519,6 +518,10 @@ def begin_round(parts: Setup) -> Callable:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``cfg`` in ``workdir`` (resuming from its latest checkpoint), then evaluates and
     exports. Returns the evaluation results; raises ``Preempted`` when SIGTERM stopped it."""
+    # clu's summary writers load TensorFlow: imported here, so that planning and step benchmarks
+    # (which never train) run where TensorFlow is not installed.
+    from clu import metric_writers, periodic_actions
+
     from codi_jax import data as data_lib
 
     check_resumable(workdir, cfg)  # before anything is built: a refused resume costs nothing

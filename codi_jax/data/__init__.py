@@ -11,25 +11,25 @@ held-out split once, the last one padded and flagged by the boolean ``mask`` key
 min-max normalised per example (per crop). The demo's held-out split is the right-most quarter of
 every source image (``demo.eval_fraction``), so eval crops share no pixel with training crops.
 
-Importing this package imports TensorFlow and hides GPUs from it, so it never takes memory meant
-for JAX.
+Importing this package (or ``codi_jax.data.config``) does not import TensorFlow: the pipeline's
+names load it on first use (``tensorflow_setup`` hides its GPUs first, so it never takes memory
+meant for JAX). Planning and step benchmarks thus run where TensorFlow is not installed.
 """
-import tensorflow as tf
+import importlib
 
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TensorFlow already initialised its devices elsewhere; nothing to undo
-    pass
+from codi_jax.data.config import TASKS, cond_channels, default_config
 
-from codi_jax.data.config import TASKS, cond_channels, default_config  # noqa: E402
-from codi_jax.data.ops import OPS, get_op  # noqa: E402
-from codi_jax.data.pipeline import EvalDataset, TrainIterator, make_eval_dataset, make_train_iterator  # noqa: E402
-from codi_jax.data.tasks import TASK_REGISTRY, get_task  # noqa: E402
+# name -> the submodule that defines it, imported on first access (PEP 562).
+_LAZY = {"OPS": "ops", "get_op": "ops", "EvalDataset": "pipeline", "TrainIterator": "pipeline",
+         "make_eval_dataset": "pipeline", "make_train_iterator": "pipeline",
+         "TASK_REGISTRY": "tasks", "get_task": "tasks"}
 
-# Registers the Real-ESRGAN ops in OPS.
-from codi_jax.data import degradations  # noqa: E402,F401
+__all__ = ["TASKS", "cond_channels", "default_config", *_LAZY]
 
-__all__ = [
-    "TASKS", "TASK_REGISTRY", "OPS", "EvalDataset", "TrainIterator", "cond_channels", "default_config",
-    "get_op", "get_task", "make_eval_dataset", "make_train_iterator",
-]
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'codi_jax.data' has no attribute {name!r}")
+    # The Real-ESRGAN ops register themselves in OPS when their module loads.
+    importlib.import_module("codi_jax.data.degradations")
+    return getattr(importlib.import_module(f"codi_jax.data.{_LAZY[name]}"), name)

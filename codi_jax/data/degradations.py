@@ -11,7 +11,7 @@ import math
 from typing import Sequence
 
 import ml_collections
-import tensorflow as tf
+from codi_jax.data.tensorflow_setup import tf
 
 from codi_jax.data.ops import register_op, split_key
 

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from codi_jax.data import tensorflow_setup  # noqa: F401 — TensorFlow's GPUs hidden before any use
+
 
 def _sklearn_image(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:

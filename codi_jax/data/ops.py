@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence, TypeVar
 
-import tensorflow as tf
+from codi_jax.data.tensorflow_setup import tf
 
 F = TypeVar("F", bound=Callable)
 

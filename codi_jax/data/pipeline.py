@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from codi_jax.data.tensorflow_setup import tf
 from absl import logging
 from PIL import Image
 

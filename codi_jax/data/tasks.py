@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import ml_collections
-import tensorflow as tf
+from codi_jax.data.tensorflow_setup import tf
 
 from codi_jax.data import ops
 from codi_jax.data.config import TASKS
