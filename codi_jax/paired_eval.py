@@ -73,8 +73,6 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
     """Scores ``model`` on the paired folder ``root`` at each step count; writes into ``output``."""
     import tensorflow as tf
 
-    from codi_jax.data import ops
-
     p = predict.load_predictor(model)
     if p.task != "sr":
         raise ValueError(f"--model: the SR protocol needs a super-resolution model; this one's task is {p.task!r}")
@@ -85,19 +83,20 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
     s = p.scale
     rows, per_step = [], {n: [] for n in steps}
     bicubic = []
-    for hr_path, lr_path in paired_files(root):
-        hr_full = predict._read_rgb01(hr_path)
+    pairs = paired_files(root)
+    for hr_path, lr_path in pairs:
+        hr_full = predict.read_rgb01(hr_path)
         if lr_path is None:  # the declared degradation
             side = (hr_full.shape[0] // s, hr_full.shape[1] // s)
             lr = tf.clip_by_value(tf.image.resize(hr_full, side, "bicubic", antialias=True), 0.0, 1.0).numpy()
         else:
-            lr = predict._read_rgb01(lr_path)
+            lr = predict.read_rgb01(lr_path)
         h, w = lr.shape[0] * s, lr.shape[1] * s
         if hr_full.shape[0] < h or hr_full.shape[1] < w:
             raise ValueError(f"{hr_path}: {hr_full.shape[1]}x{hr_full.shape[0]} is smaller than its LR "
                              f"picture x{s} ({w}x{h})")
         hr = np.round(hr_full[:h, :w] * 255).astype(np.uint8)
-        cond = ops.resize_bicubic(tf.constant(lr), (h, w)).numpy() * 2.0 - 1.0
+        cond = predict.sr_condition(lr, s)
         name = os.path.splitext(os.path.basename(hr_path))[0]
         base = _scores(_uint8(cond), hr, s)
         bicubic.append(base)
@@ -105,7 +104,7 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
         for n in steps:
             out = predict.predict(p, cond, n, seed, tile, overlap, batch)
             if color_fix:
-                out = np.asarray(predict._color_fix(out, cond, s))
+                out = predict.color_fixed(out, cond, s)
             pixels = _uint8(out)
             os.makedirs(os.path.join(output, f"steps_{n}"), exist_ok=True)
             Image.fromarray(pixels).save(os.path.join(output, f"steps_{n}", f"{name}.png"))
@@ -119,7 +118,7 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
     results = {"model": model, "dataset": root, "num_pictures": len(bicubic),
                "protocol": {"scale": s, "crop_border": s, "y_channel": "ITU-R BT.601, Y in [16, 235]",
                             "ssim": "Gaussian 11x11, sigma 1.5, valid region", "images": "8-bit",
-                            "lr": "LR/ folder" if any(lr for _, lr in paired_files(root)) else f"{degradation} x{s}",
+                            "lr": "LR/ folder" if any(lr for _, lr in pairs) else f"{degradation} x{s}",
                             "color_fix": color_fix, "seed": seed, "tile": tile, "overlap": overlap},
                "steps": {str(n): mean(v) for n, v in per_step.items()}, "bicubic": mean(bicubic),
                **NOT_COMPUTED}

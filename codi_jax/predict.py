@@ -173,13 +173,25 @@ def load_predictor(model: str) -> Predictor:
 # ---------------------------------------------------------------------------------- conditions
 
 
-def _read_rgb01(path: str) -> np.ndarray:
+def read_rgb01(path: str) -> np.ndarray:
+    """A picture file as HxWx3 float32 in [0, 1]; ``SkippedFile`` naming it if unreadable."""
     from codi_jax.data.sources import BadExample, read_image
 
     try:
         return read_image(path)[0].astype(np.float32) / 255.0
     except BadExample as err:
         raise SkippedFile(str(err)) from None
+
+
+def sr_condition(lr: np.ndarray, scale: int) -> np.ndarray:
+    """The SR condition of a low-resolution picture (HxWx3 in [0, 1]): its bicubic upsampling by
+    ``scale``, in [-1, 1], as ``data/tasks.py:sr`` builds it for training."""
+    import tensorflow as tf
+
+    from codi_jax.data import ops
+
+    h, w = lr.shape[:2]
+    return ops.resize_bicubic(tf.constant(lr), (h * scale, w * scale)).numpy() * 2.0 - 1.0
 
 
 def condition(p: Predictor, path: str, mask_path: Optional[str]) -> tuple[np.ndarray, dict]:
@@ -198,12 +210,10 @@ def condition(p: Predictor, path: str, mask_path: Optional[str]) -> tuple[np.nda
             raise SkippedFile(str(err)) from None
         d = ops.normalize_depth(tf.constant(depth)).numpy()
         return np.repeat(d, int(p.task_options.get("channels", 3)), axis=-1), {}
-    image = _read_rgb01(path)
+    image = read_rgb01(path)
     signed = image * 2.0 - 1.0
     if p.task == "sr":
-        h, w = image.shape[:2]
-        up = ops.resize_bicubic(tf.constant(image), (h * p.scale, w * p.scale)).numpy()
-        return up * 2.0 - 1.0, {}
+        return sr_condition(image, p.scale), {}
     if p.task == "edit":
         return signed, {}
     if p.task == "canny":
@@ -214,7 +224,7 @@ def condition(p: Predictor, path: str, mask_path: Optional[str]) -> tuple[np.nda
     if p.task == "inpaint":
         if mask_path is None:
             raise SkippedFile(f"{path}: no mask (--mask: a file, or a folder with a mask of the same stem)")
-        mask = _read_rgb01(mask_path).mean(axis=-1, keepdims=True) > 0.5
+        mask = read_rgb01(mask_path).mean(axis=-1, keepdims=True) > 0.5
         if mask.shape[:2] != image.shape[:2]:
             raise SkippedFile(f"{mask_path}: mask of size {mask.shape[1]}x{mask.shape[0]} for the "
                               f"{image.shape[1]}x{image.shape[0]} picture {path}")
@@ -259,11 +269,13 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def _color_fix(image: np.ndarray, bicubic: np.ndarray, scale: int) -> jax.Array:
+def color_fixed(image: np.ndarray, bicubic: np.ndarray, scale: int) -> np.ndarray:
+    """``image`` with the low frequencies of ``bicubic`` (the SR condition): the wavelet colour fix."""
     from codi_jax import color_fix
 
     levels = color_fix.levels_for_scale(scale)
-    return color_fix.wavelet_color_fix(jnp.asarray(image)[None], jnp.asarray(bicubic[..., :3])[None], levels)[0]
+    return np.asarray(color_fix.wavelet_color_fix(jnp.asarray(image)[None], jnp.asarray(bicubic[..., :3])[None],
+                                                  levels)[0])
 
 
 def input_files(path: str, extensions: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -332,7 +344,7 @@ def run(model: str, input_path: str, output: str, steps: int = 4, seed: int = 0,
             continue
         image = predict(p, cond, steps, seed, tile, overlap, batch, prompt)
         if color_fix and p.task == "sr":
-            image = np.asarray(_color_fix(image, cond, p.scale))
+            image = color_fixed(image, cond, p.scale)
         if "keep" in keep:  # inpainting: the known pixels stay as they were
             signed, m = keep["keep"]
             image = m * image + (1.0 - m) * signed
