@@ -165,8 +165,13 @@ class Student:
         return vae.apply({"params": aux["vae"]}, x / vae.scaling_factor, method=vae.decode)
 
     def encode_cond(self, aux: dict, cond: Array) -> Array:
-        if self.config["cond_embedding_channels"] is not None or not self.teacher.latent:
+        """The condition (pixels in [−1, 1], extra channels after RGB) as the model reads it."""
+        if not self.teacher.latent:
             return cond
+        if self.config["cond_embedding_channels"] is not None:
+            # A hint stem reads [0, 1] pixels, as diffusers' ControlNet pipelines pass the control
+            # image: a PE-CoDi export then runs in StableDiffusionControlNetPipeline unchanged.
+            return (cond + 1.0) / 2.0
         latent = self.encode_images(aux, cond[..., :3], None)
         if cond.shape[-1] == 3:
             return latent

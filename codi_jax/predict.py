@@ -236,6 +236,12 @@ def condition(p: Predictor, path: str, mask_path: Optional[str]) -> tuple[np.nda
 # ----------------------------------------------------------------------------------- prediction
 
 
+def initial_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """The sampler's initial noise for a whole picture (HxWxC in the model's data space), drawn
+    once and cut into tiles, so tiles agree where they overlap."""
+    return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
+
+
 def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, overlap: int, batch: int,
             prompt: str = "") -> np.ndarray:
     """The model's output (HxWx3 in [-1, 1]) for the condition ``cond`` (HxWxC at the output
@@ -246,7 +252,7 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
     lh, lw = max(math.ceil(h / f), lt), max(math.ceil(w / f), lt)
     padded = np.pad(cond, ((0, lh * f - h), (0, lw * f - w), (0, 0)), mode="edge")
     channels = p.student.config["unet"].get("in_channels", 4) if p.student.teacher.latent else 3
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (lh, lw, channels), jnp.float32))
+    noise = initial_noise(seed, (lh, lw, channels))
     starts = _grid(lh, lw, lt, lo)
     cond_tiles = np.stack([padded[y * f:(y + lt) * f, x * f:(x + lt) * f] for y, x in starts])
     noise_tiles = np.stack([noise[y:y + lt, x:x + lt] for y, x in starts])

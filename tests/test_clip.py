@@ -1,5 +1,4 @@
 """CLIP text encoder (codi_jax.models.clip): structure, masking, pooling, tokenizer, PyTorch parity."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +7,7 @@ import pytest
 
 from codi_jax.models import convert
 from codi_jax.models.clip import CLIPTextModel, load_tokenizer, tokenize
+from tiny import write_tiny_tokenizer
 
 # Stable Diffusion 1.5 text_encoder/config.json (openai/clip-vit-large-patch14), abridged.
 SD15_CONFIG = {
@@ -162,22 +162,8 @@ def test_bf16_compute_keeps_fp32_params():
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1)
 
 
-def _write_tiny_tokenizer(folder):
-    """A word-level-ish CLIP BPE: single letters, letters ending a word, and merges for 'cat'."""
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {}
-    for tok in letters + [t + "</w>" for t in letters] + ["ca", "cat</w>"]:
-        vocab[tok] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
-    return vocab
-
-
 def test_tokenize_pads_truncates_and_loads_from_pipeline_folder(tmp_path):
-    vocab = _write_tiny_tokenizer(tmp_path / "tokenizer")
+    vocab = write_tiny_tokenizer(tmp_path / "tokenizer")
     tok = load_tokenizer(tmp_path)  # the pipeline folder: picks its tokenizer/ subfolder
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     ids, mask = tokenize(tok, ["a cat", "Cat " * 20], max_length=8)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from codi_jax import data
 from codi_jax.data import demo, sources
+from tiny import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -212,19 +213,6 @@ def test_folder_depth_requires_depth_maps(tmp_path):
         data.make_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
 
 
-def _tiny_tokenizer(folder):
-    folder.mkdir()
-    vocab = {}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return vocab
-
-
 def test_instructpix2pix_folder_with_tokenizer(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "ip2p"
@@ -233,7 +221,7 @@ def test_instructpix2pix_folder_with_tokenizer(tmp_path):
         _save(d / "11_0.jpg", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
         _save(d / "11_1.jpg", np.zeros((40, 40, 3), np.uint8))  # the edited image: black
         (d / "prompt.json").write_text(json.dumps({"input": "x", "edit": instruction, "output": "y"}))
-    vocab = _tiny_tokenizer(tmp_path / "tok")
+    vocab = write_tiny_tokenizer(tmp_path / "tok")
     cfg = data.default_config("edit")
     cfg.source = f"folder:{root}"
     cfg.tokenizer = str(tmp_path / "tok")

@@ -7,6 +7,8 @@ processes load.
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -40,3 +42,19 @@ def tiny_config(**train_overrides: Any) -> ml_collections.ConfigDict:
     """The tiny config, with ``train.<key>`` overrides."""
     c = override(config_lib.base_config("sr"), TINY_OVERRIDES)
     return override(c, tuple((f"train.{k}", v) for k, v in train_overrides.items()))
+
+
+def write_tiny_tokenizer(folder: pathlib.Path) -> dict[str, int]:
+    """A word-level-ish CLIP BPE tokenizer folder (single letters, letters ending a word, merges
+    for 'cat'; SD's 77-token length); returns its vocabulary."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab: dict[str, int] = {}
+    for tok in letters + [t + "</w>" for t in letters] + ["ca", "cat</w>"]:
+        vocab[tok] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    return vocab
