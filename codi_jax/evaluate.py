@@ -75,13 +75,9 @@ class DistributionMetrics:
     targets. Missing weights make a metric ``NotComputed``; its reason goes to the report."""
 
     def __init__(self, cfg: ml_collections.ConfigDict):
-        from codi_jax.metrics import fid, lpips
-
         self.swd = bool(cfg.eval.swd)
-        self.inception = metrics.load_or_not_computed(fid.load_inception, cfg.eval.fid_weights, "FID")
-        self.lpips = metrics.load_or_not_computed(
-            lambda p: lpips.load_lpips(p.split(","), net=cfg.eval.lpips_net), cfg.eval.lpips_weights,
-            "LPIPS")
+        self.inception, self.lpips = metrics.load_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights,
+                                                           cfg.eval.lpips_net)
         self._sets: dict[Any, list[np.ndarray]] = {}
 
     @property
@@ -271,13 +267,15 @@ def _main(argv: list[str]) -> None:
     try:
         results = paired_eval.evaluate_folder(f.model, f.dataset[len("folder:"):], f.output,
                                               [int(n) for n in f.steps.split(",") if n], f.seed, f.color_fix,
-                                              f.tile, f.overlap, f.batch, f.degradation)
+                                              f.tile, f.overlap, f.batch, f.degradation,
+                                              f.fid_weights, f.lpips_weights, f.lpips_net)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"evaluate: {err}")
     print(f"evaluate: {results['num_pictures']} pictures, x{results['protocol']['scale']}; "
           f"bicubic {results['bicubic']['psnr']:.2f} dB / {results['bicubic']['ssim']:.4f} (Y)")
     for n, m in results["steps"].items():
-        print(f"  {n} step(s): PSNR-Y {m['psnr']:.2f} dB, SSIM-Y {m['ssim']:.4f}; RGB {m['psnr_rgb']:.2f} dB")
+        lpips = f", LPIPS {m['lpips']:.4f}" if "lpips" in m else ""
+        print(f"  {n} step(s): PSNR-Y {m['psnr']:.2f} dB, SSIM-Y {m['ssim']:.4f}; RGB {m['psnr_rgb']:.2f} dB{lpips}")
     print(f"evaluate: wrote {os.path.join(f.output, 'eval.json')}, eval.csv, steps_<n>/, psnr_vs_steps.png")
 
 
@@ -295,4 +293,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("overlap", -1, "Tile overlap in output pixels; -1 = tile / 4.")
     flags.DEFINE_integer("batch", 1, "Tiles per model call.")
     flags.DEFINE_string("degradation", "bicubic", "How LR pictures are made when the folder has HR/ only.")
+    flags.DEFINE_string("fid_weights", "", "Inception-v3 weights for FID (see codi_jax/metrics/fid.py); none: not computed.")
+    flags.DEFINE_string("lpips_weights", "", "LPIPS backbone + heads, comma-separated files; none: not computed.")
+    flags.DEFINE_string("lpips_net", "alex", "LPIPS backbone: alex or vgg.")
     app.run(_main)

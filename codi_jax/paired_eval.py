@@ -10,8 +10,10 @@ The whole LR picture is super-resolved (``codi_jax.predict``'s tiling), so any s
 
 Scores (``codi_jax.metrics.sr``): PSNR and SSIM on the Y channel with ``scale`` border pixels
 cropped, and on RGB (labelled ``_rgb``), per picture and averaged; the bicubic upsampling of the LR
-picture is scored beside the model. LPIPS, DISTS and FID need network weights this command does
-not read yet: they are written as not computed, with the reason.
+picture is scored beside the model. LPIPS (per picture, whole pictures) and FID (the set of
+outputs against the HR set, Inception-v3 pool features at 299 px) are computed from the weight
+files given (``--lpips_weights``, ``--fid_weights``; ``codi_jax/metrics``) and written as not
+computed, with the reason, without them. DISTS is not implemented.
 
 Writes ``eval.json``, ``eval.csv`` (one row per picture and step count), the predicted pictures
 (``steps_<n>/<name>.png``) and ``psnr_vs_steps.png`` (PSNR-Y and SSIM-Y against the step count,
@@ -28,12 +30,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from codi_jax import predict
+from codi_jax import metrics, predict
 from codi_jax.metrics import sr as sr_metrics
 
-NOT_COMPUTED = {"lpips": "not computed: the evaluate command reads no LPIPS weights yet",
-                "dists": "not computed: DISTS is not implemented here",
-                "fid": "not computed: the evaluate command computes no FID yet"}
+DISTS = "not computed: DISTS is not implemented here"
 
 
 def paired_files(root: str) -> list[tuple[str, str | None]]:
@@ -62,17 +62,40 @@ def _uint8(signed: np.ndarray) -> np.ndarray:
     return np.round((signed + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
 
-def _scores(out: np.ndarray, hr: np.ndarray, scale: int) -> dict:
-    return {"psnr": sr_metrics.psnr(out, hr, scale), "ssim": sr_metrics.ssim(out, hr, scale),
-            "psnr_rgb": sr_metrics.psnr(out, hr, scale, y=False), "ssim_rgb": sr_metrics.ssim(out, hr, scale, y=False)}
+def _signed(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float32)[None] / 127.5 - 1.0
+
+
+def _scores(out: np.ndarray, hr: np.ndarray, scale: int, lpips) -> dict:
+    """The SR protocol's scores of the 8-bit ``out`` against ``hr``; LPIPS with its metric."""
+    scores = {"psnr": sr_metrics.psnr(out, hr, scale), "ssim": sr_metrics.ssim(out, hr, scale),
+              "psnr_rgb": sr_metrics.psnr(out, hr, scale, y=False), "ssim_rgb": sr_metrics.ssim(out, hr, scale, y=False)}
+    if not isinstance(lpips, metrics.NotComputed):
+        scores["lpips"] = float(lpips(_signed(out), _signed(hr))[0])
+    return scores
+
+
+def _fid(outputs: list[np.ndarray], targets: list[np.ndarray], inception) -> float | str:
+    """FID of the pictures ``outputs`` against ``targets`` (8-bit, any sizes: the extractor
+    resizes each to its input size), or why it is not computed."""
+    from codi_jax.metrics import fid
+
+    if isinstance(inception, metrics.NotComputed):
+        return f"not computed: {inception.reason}"
+    if len(outputs) < 2:
+        return "not computed: FID needs at least 2 pictures"
+    features = lambda pictures: np.concatenate([inception(_signed(p)) for p in pictures])
+    return fid.fid_from_features(features(outputs), features(targets))
 
 
 def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], seed: int = 0,
                     color_fix: bool = True, tile: int = 0, overlap: int = -1, batch: int = 1,
-                    degradation: str = "bicubic") -> dict:
+                    degradation: str = "bicubic", fid_weights: str = "", lpips_weights: str = "",
+                    lpips_net: str = "alex") -> dict:
     """Scores ``model`` on the paired folder ``root`` at each step count; writes into ``output``."""
     import tensorflow as tf
 
+    inception, lpips = metrics.load_networks(fid_weights, lpips_weights, lpips_net)
     p = predict.load_predictor(model)
     if p.task != "sr":
         raise ValueError(f"--model: the SR protocol needs a super-resolution model; this one's task is {p.task!r}")
@@ -81,8 +104,8 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
     tile = tile or p.image_size
     overlap = tile // 4 if overlap < 0 else overlap
     s = p.scale
-    rows, per_step = [], {n: [] for n in steps}
-    bicubic = []
+    rows, per_step, pictures = [], {n: [] for n in steps}, {n: [] for n in steps}
+    bicubic, targets, upsampled = [], [], []
     pairs = paired_files(root)
     for hr_path, lr_path in pairs:
         hr_full = predict.read_rgb01(hr_path)
@@ -98,8 +121,10 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
         hr = np.round(hr_full[:h, :w] * 255).astype(np.uint8)
         cond = predict.sr_condition(lr, s)
         name = os.path.splitext(os.path.basename(hr_path))[0]
-        base = _scores(_uint8(cond), hr, s)
+        base = _scores(_uint8(cond), hr, s, lpips)
         bicubic.append(base)
+        targets.append(hr)
+        upsampled.append(_uint8(cond))
         rows.append({"picture": name, "method": "bicubic", "steps": "", **base})
         for n in steps:
             out = predict.predict(p, cond, n, seed, tile, overlap, batch)
@@ -108,8 +133,9 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
             pixels = _uint8(out)
             os.makedirs(os.path.join(output, f"steps_{n}"), exist_ok=True)
             Image.fromarray(pixels).save(os.path.join(output, f"steps_{n}", f"{name}.png"))
-            score = _scores(pixels, hr, s)
+            score = _scores(pixels, hr, s, lpips)
             per_step[n].append(score)
+            pictures[n].append(pixels)
             rows.append({"picture": name, "method": "codi" + ("+colorfix" if color_fix else ""), "steps": n, **score})
 
     def mean(scores):
@@ -121,7 +147,11 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
                             "lr": "LR/ folder" if any(lr for _, lr in pairs) else f"{degradation} x{s}",
                             "color_fix": color_fix, "seed": seed, "tile": tile, "overlap": overlap},
                "steps": {str(n): mean(v) for n, v in per_step.items()}, "bicubic": mean(bicubic),
-               **NOT_COMPUTED}
+               "fid": {"bicubic": _fid(upsampled, targets, inception),
+                       **{str(n): _fid(pictures[n], targets, inception) for n in steps}},
+               "dists": DISTS}
+    if isinstance(lpips, metrics.NotComputed):
+        results["lpips"] = f"not computed: {lpips.reason}"
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -44,4 +44,13 @@ def load_or_not_computed(loader: Callable[[str], T], path: str | os.PathLike | N
         return NotComputed(f"{name}: {err}")
 
 
-__all__ = ["NotComputed", "load_or_not_computed"]
+def load_networks(fid_weights: str | None, lpips_weights: str | None, lpips_net: str = "alex") -> tuple:
+    """The FID extractor and the LPIPS metric from their weight files (``lpips_weights``: one
+    path or several, comma-separated), each ``NotComputed`` when its files are absent or unfit."""
+    from codi_jax.metrics import fid, lpips
+
+    return (load_or_not_computed(fid.load_inception, fid_weights, "FID"),
+            load_or_not_computed(lambda p: lpips.load_lpips(p.split(","), net=lpips_net), lpips_weights, "LPIPS"))
+
+
+__all__ = ["NotComputed", "load_networks", "load_or_not_computed"]
