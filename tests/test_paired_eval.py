@@ -16,7 +16,6 @@ from safetensors.numpy import save_file
 from test_metrics import _random_lpips, _to_torch_state
 
 from codi_jax import paired_eval
-from codi_jax.metrics import sr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
