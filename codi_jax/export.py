@@ -42,7 +42,8 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
             for entry in os.listdir(teacher.root):
                 src = os.path.join(teacher.root, entry)
                 # The teacher's own model card (README.md) does not describe the distilled model.
-                if entry not in ("unet", "controlnet", "cond_encoder", "codi.json", "README.md") \
+                # Nor is its scheduler CoDi's sampler (SD ships a PNDM one): written below.
+                if entry not in ("unet", "controlnet", "cond_encoder", "scheduler", "codi.json", "README.md") \
                         and not entry.startswith("."):
                     (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
         models.save(student.module.unet, params["unet"], os.path.join(tmp, "unet"), "unet",
@@ -60,9 +61,8 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         if teacher.latent and not os.path.exists(os.path.join(tmp, "vae")):
             # A teacher trained from scratch in a separately trained VAE's space (no pipeline root).
             models.save(teacher.vae, jax.device_get(teacher.vae_params), os.path.join(tmp, "vae"), "vae")
-        # CoDi's sampler, not the teacher's (SD ships a PNDM scheduler): diffusers pipelines that
-        # load this folder then step on the teacher grid exactly as codi_jax does.
-        shutil.rmtree(os.path.join(tmp, "scheduler"), ignore_errors=True)
+        # CoDi's sampler: diffusers pipelines that load this folder step on the teacher grid
+        # exactly as codi_jax does.
         os.makedirs(os.path.join(tmp, "scheduler"))
         with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(_scheduler_config(teacher), f, indent=2)

@@ -75,17 +75,19 @@ def _scores(out: np.ndarray, hr: np.ndarray, scale: int, lpips) -> dict:
     return scores
 
 
-def _fid(outputs: list[np.ndarray], targets: list[np.ndarray], inception) -> float | str:
-    """FID of the pictures ``outputs`` against ``targets`` (8-bit, any sizes: the extractor
-    resizes each to its input size), or why it is not computed."""
+def _fid_scores(sets: dict[str, list[np.ndarray]], targets: list[np.ndarray], inception) -> dict:
+    """FID of each set of pictures in ``sets`` against ``targets`` (8-bit, any sizes: the
+    extractor resizes each to its input size), or why it is not computed. The targets' features
+    are extracted once for all sets."""
     from codi_jax.metrics import fid
 
     if isinstance(inception, metrics.NotComputed):
-        return f"not computed: {inception.reason}"
-    if len(outputs) < 2:
-        return "not computed: FID needs at least 2 pictures"
+        return {k: f"not computed: {inception.reason}" for k in sets}
+    if len(targets) < 2:
+        return {k: "not computed: FID needs at least 2 pictures" for k in sets}
     features = lambda pictures: np.concatenate([inception(_signed(p)) for p in pictures])
-    return fid.fid_from_features(features(outputs), features(targets))
+    reference = features(targets)
+    return {k: fid.fid_from_features(features(v), reference) for k, v in sets.items()}
 
 
 def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], seed: int = 0,
@@ -147,8 +149,7 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
                             "lr": "LR/ folder" if any(lr for _, lr in pairs) else f"{degradation} x{s}",
                             "color_fix": color_fix, "seed": seed, "tile": tile, "overlap": overlap},
                "steps": {str(n): mean(v) for n, v in per_step.items()}, "bicubic": mean(bicubic),
-               "fid": {"bicubic": _fid(upsampled, targets, inception),
-                       **{str(n): _fid(pictures[n], targets, inception) for n in steps}},
+               "fid": _fid_scores({"bicubic": upsampled, **{str(n): pictures[n] for n in steps}}, targets, inception),
                "dists": DISTS}
     if isinstance(lpips, metrics.NotComputed):
         results["lpips"] = f"not computed: {lpips.reason}"
