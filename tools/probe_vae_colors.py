@@ -6,6 +6,9 @@ evaluation's fixed keys) this prints PSNR (dB) of: the original through the auto
 shift costs), that mean colour error (R, G, B), bicubic upsampling of the degraded input, and
 that input through the autoencoder (the latent a model copying its condition would decode).
 No latent SR model can beat the first row; one that copies its condition scores the last.
+Then the same reconstruction PSNR for flat 32 px pictures of colours drawn uniformly from the RGB
+cube (seeded), by saturation (max − min channel): where an autoencoder trained on muted colours
+fails.
 
     python tools/probe_vae_colors.py --vae=<VAE folder | pipeline folder | embedded:mini_sd> [--num=128]
 """
@@ -64,7 +67,20 @@ def main() -> None:
     table = {n: {k: np.mean(v, axis=0).round(4).tolist() for k, v in r.items()} for n, r in rows.items()}
     every = {k: float(np.mean([x for r in rows.values() for x in r[k]])) for k in rows[names[0]]
              if k != "color_error"}
-    print(json.dumps({"vae": args.vae, "crops": seen, "pictures": table, "all": every}, indent=1))
+    print(json.dumps({"vae": args.vae, "crops": seen, "pictures": table, "all": every,
+                      "flat_colours": _flat_colours(rec_fn)}, indent=1))
+
+
+def _flat_colours(rec_fn, num: int = 96, size: int = 32) -> dict[str, float]:
+    """Mean reconstruction PSNR of flat pictures of uniform-RGB colours, overall and by saturation."""
+    colours = np.random.default_rng(0).random((num, 3))
+    image = jnp.asarray(np.broadcast_to(colours[:, None, None] * 2 - 1, (num, size, size, 3)), jnp.float32)
+    psnr = _psnr(rec_fn(image), image)
+    saturation = colours.max(1) - colours.min(1)
+    out = {"all": float(psnr.mean()), "worst": float(psnr.min())}
+    for lo, hi in ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0)):
+        out[f"saturation {lo}-{hi}"] = float(psnr[(saturation >= lo) & (saturation < hi)].mean())
+    return out
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def _palette(rng: np.random.Generator, n: int = 8, vivid: float = 0.25) -> np.ndarray:
-    """n colours, most of moderate saturation around random grey levels (uniform RGB everywhere
-    would make every picture a saturated confetti that natural pictures never are), a ``vivid``
-    fraction anywhere in the RGB cube: an autoencoder trained without them turns a saturated
-    magenta green and a blue sky greenish (``tools/probe_vae_colors.py``, flat colours)."""
+def _palette(rng: np.random.Generator, n: int = 8) -> np.ndarray:
+    """n colours of moderate saturation around random grey levels: uniform RGB would make every
+    picture a saturated confetti that natural pictures never are."""
     value = rng.random((n, 1))
-    saturation = np.where(rng.random((n, 1)) < vivid, 1.0, rng.uniform(0.0, 0.6, (n, 1)))
+    saturation = rng.uniform(0.0, 0.6, (n, 1))
     return value * (1.0 - saturation) + saturation * rng.random((n, 3))
 
 
