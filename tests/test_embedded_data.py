@@ -56,6 +56,23 @@ def test_procedural_pictures_are_deterministic_and_disjoint_from_training():
     assert all(ev._records[i][1] >= embedded.EVAL_SEED_OFFSET for i in range(len(ev)))
 
 
+def test_vivid_procedural_colours_are_saturated_and_only_in_training():
+    def saturation(picture):
+        return float(np.mean(picture.max(-1).astype(float) - picture.min(-1)) / 255)
+
+    muted = [saturation(procedural.dead_leaves(k, 48)[0]) for k in range(6)]
+    vivid = [saturation(procedural.dead_leaves(k, 48, vivid=1.0)[0]) for k in range(6)]
+    assert np.mean(vivid) > 1.5 * np.mean(muted)
+    cfg = small_cfg()
+    cfg.embedded.procedural_vivid = 1.0
+    train = embedded.EmbeddedSource("train", cfg.embedded, 32, depth=False, process_index=0, process_count=1)
+    ev = embedded.EmbeddedSource("eval_procedural", cfg.embedded, 32, depth=False, process_index=0, process_count=1)
+    k = train._records[-1][1]
+    assert np.array_equal(train.load(len(train) - 1).image, procedural.dead_leaves(k, 128, vivid=1.0)[0])
+    seed = ev._records[0][1]
+    assert np.array_equal(ev.load(0).image, procedural.dead_leaves(seed, 128)[0])
+
+
 def test_depth_task_pairs_every_record_with_depth():
     cfg = small_cfg("depth")
     src = pipeline.open_source(cfg, "train", 0, 1)

@@ -101,6 +101,9 @@ def _embedded_config() -> ml_collections.ConfigDict:
     c.natural_repeats = 64
     c.procedural_train = 768  # dead-leaves pictures in the train split (seeds 0..n-1)
     c.procedural_size = 128  # their side in pixels (at least the crop size)
+    # Fraction of the train pictures' palette colours drawn from the whole RGB cube (saturated);
+    # 0 keeps the pictures every shipped model was trained on. The eval_procedural split never has any.
+    c.procedural_vivid = 0.0
     c.eval_crops_per_image = 32  # fixed crops of each held-out picture
     c.procedural_eval = 64  # held-out procedural pictures (the eval_procedural split)
     return c
