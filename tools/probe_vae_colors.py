@@ -7,8 +7,8 @@ shift costs), that mean colour error (R, G, B), bicubic upsampling of the degrad
 that input through the autoencoder (the latent a model copying its condition would decode).
 No latent SR model can beat the first row; one that copies its condition scores the last.
 Then the same reconstruction PSNR for flat 32 px pictures of colours drawn uniformly from the RGB
-cube (seeded), by saturation (max − min channel): where an autoencoder trained on muted colours
-fails.
+cube (seeded), by saturation (max − min channel): where the miniature autoencoder fails, even
+when trained on saturated colours (its README).
 
     python tools/probe_vae_colors.py --vae=<VAE folder | pipeline folder | embedded:mini_sd> [--num=128]
 """

@@ -20,8 +20,8 @@ def _palette(rng: np.random.Generator, n: int = 8, vivid: float = 0.0) -> np.nda
     """n colours of moderate saturation around random grey levels (uniform RGB would make every
     picture a saturated confetti that natural pictures never are); a ``vivid`` fraction of them
     anywhere in the RGB cube instead, so that training sees saturated colours (the mini_sd README
-    measures what that did to its autoencoder: nothing). ``vivid=0`` draws exactly the numbers it always did, so every seed's picture,
-    and every number measured on one, stays the same."""
+    measures what that did to its autoencoder: nothing). ``vivid=0`` draws exactly the numbers
+    it always did, so every seed's picture, and every number measured on one, stays the same."""
     value = rng.random((n, 1))
     saturation = rng.uniform(0.0, 0.6, (n, 1))
     if vivid > 0:
