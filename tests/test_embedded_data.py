@@ -73,6 +73,26 @@ def test_vivid_procedural_colours_are_saturated_and_only_in_training():
     assert np.array_equal(ev.load(0).image, procedural.dead_leaves(seed, 128)[0])
 
 
+def test_smooth_colour_fields_are_saturated_smooth_and_only_appended_to_training():
+    fields = [procedural.smooth_field(k, 64).astype(float) / 255 for k in range(8)]
+    assert all(f.shape == (64, 64, 3) for f in fields)
+    assert np.array_equal(procedural.smooth_field(2, 64), procedural.smooth_field(2, 64))
+    # Colours from the whole cube: some pixels far from grey, which the muted palette never gives.
+    assert max(float(np.max(f.max(-1) - f.min(-1))) for f in fields) > 0.7
+    # Smooth: neighbouring pixels differ by little more than the sensor noise.
+    assert max(float(np.mean(np.abs(np.diff(f, axis=0)))) for f in fields) < 0.03
+    cfg = small_cfg()
+    plain = embedded.EmbeddedSource("train", cfg.embedded, 32, depth=False, process_index=0, process_count=1)
+    cfg.embedded.procedural_smooth = 3
+    train = embedded.EmbeddedSource("train", cfg.embedded, 32, depth=False, process_index=0, process_count=1)
+    assert train._records[:len(plain)] == plain._records and len(train) == len(plain) + 3
+    assert np.array_equal(train.load(len(train) - 1).image, procedural.smooth_field(2, 128))
+    depth_cfg = small_cfg("depth")
+    depth_cfg.embedded.procedural_smooth = 3  # no depth for a colour field: left out of that task
+    depth = embedded.EmbeddedSource("train", depth_cfg.embedded, 32, depth=True, process_index=0, process_count=1)
+    assert all(r[0] != "smooth" for r in depth._records)
+
+
 def test_depth_task_pairs_every_record_with_depth():
     cfg = small_cfg("depth")
     src = pipeline.open_source(cfg, "train", 0, 1)

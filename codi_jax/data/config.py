@@ -104,6 +104,9 @@ def _embedded_config() -> ml_collections.ConfigDict:
     # Fraction of the train pictures' palette colours drawn from the whole RGB cube (saturated);
     # 0 keeps the pictures every shipped model was trained on. The eval_procedural split never has any.
     c.procedural_vivid = 0.0
+    # Smooth colour fields (procedural.smooth_field, colours anywhere in the RGB cube) appended to
+    # the train split after the dead leaves; 0 keeps the train split every shipped model saw.
+    c.procedural_smooth = 0
     c.eval_crops_per_image = 32  # fixed crops of each held-out picture
     c.procedural_eval = 64  # held-out procedural pictures (the eval_procedural split)
     return c

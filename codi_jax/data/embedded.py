@@ -6,7 +6,8 @@ Splits (records are read by index, like every source):
 
 * ``train`` — the ``TRAIN_IMAGES`` natural pictures, each repeated ``natural_repeats`` times (the
   loader takes a fresh random crop and augmentation per record), then ``procedural_train``
-  procedural pictures, seeds ``0 … procedural_train − 1``.
+  procedural pictures, seeds ``0 … procedural_train − 1``, then ``procedural_smooth`` smooth colour
+  fields (``procedural.smooth_field``, no depth: left out of the depth task).
 * ``eval`` — ``eval_crops_per_image`` fixed crops of each ``HELD_OUT_IMAGES`` picture (natural
   pictures of different kinds: an animal, an indoor and an outdoor photograph, a texture),
   interleaved by picture so that every prefix of the split covers all of them.
@@ -120,7 +121,8 @@ class EmbeddedSource:
         if split == "train":
             names = ["motorcycle"] if self._depth else list(TRAIN_IMAGES)
             natural = [("natural", n) for n in names for _ in range(o.natural_repeats)]
-            return natural + [("procedural", k) for k in range(o.procedural_train)]
+            smooth = [] if self._depth else [("smooth", k) for k in range(o.procedural_smooth)]
+            return natural + [("procedural", k) for k in range(o.procedural_train)] + smooth
         if split == "eval_procedural":
             return [("procedural", EVAL_SEED_OFFSET + k) for k in range(o.procedural_eval)]
         per_picture = []
@@ -166,6 +168,8 @@ class EmbeddedSource:
             y, x = rec[2], rec[3]
             crop = lambda a: None if a is None else a[y:y + s, x:x + s]
             return Example(crop(image), crop(depth), rec[1])
+        if rec[0] == "smooth":
+            return Example(procedural.smooth_field(rec[1], max(o.procedural_size, s)), None, "smooth")
         if rec[1] not in self._procedural:  # ~70 ms each: generated once per source
             # Only training pictures get vivid colours: the eval_procedural split stays the one
             # every documented number was measured on.

@@ -106,6 +106,30 @@ def dead_leaves(seed: int, size: int = 128, r_min: float = 3.0, r_max: float = 4
     return picture, order.astype(np.float32)[..., None]
 
 
+def smooth_field(seed: int, size: int = 128) -> np.ndarray:
+    """A smooth colour field (size x size x 3 uint8): a bicubic blend of a coarse 2x2 to 4x4 grid
+    of colours drawn anywhere in the RGB cube, with a little sensor noise.
+
+    Sky-like: large regions of one saturated colour with no edge in them, which the dead leaves
+    (small textured leaves, moderate palette) almost never give a 32 px crop. The miniature
+    autoencoder learns such colours only when it sees them this way (its README).
+    """
+    rng = np.random.default_rng([0x5300, seed])
+    n = int(rng.integers(2, 5))
+    grid = rng.random((n, n, 3))
+    # Separable cubic (Catmull-Rom) interpolation of the grid over the picture, clipped to [0, 1].
+    t = np.linspace(0.0, n - 1.0, size)
+    i = np.clip(np.floor(t).astype(int), 0, n - 2)
+    f = t - i
+    weights = np.stack([(-f**3 + 2 * f**2 - f) / 2, (3 * f**3 - 5 * f**2 + 2) / 2,
+                        (-3 * f**3 + 4 * f**2 + f) / 2, (f**3 - f**2) / 2], axis=1)   # (size, 4)
+    taps = np.clip(i[:, None] + np.arange(-1, 3)[None, :], 0, n - 1)                  # (size, 4)
+    rows = np.einsum("yk,ykxc->yxc", weights, grid[taps])                              # (size, n, 3)
+    img = np.einsum("xk,yxkc->yxc", weights, rows[:, taps])                            # (size, size, 3)
+    img = img + rng.uniform(0.0, 0.02) * rng.standard_normal(img.shape)
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
 def _box_blur(img: np.ndarray, radius: int) -> np.ndarray:
     """Separable box blur of HxWxC (edge-padded), a cheap stand-in for defocus."""
     k = 2 * radius + 1
