@@ -8,7 +8,8 @@ that input through the autoencoder (the latent a model copying its condition wou
 No latent SR model can beat the first row; one that copies its condition scores the last.
 Then the same reconstruction PSNR for flat 32 px pictures of colours drawn uniformly from the RGB
 cube (seeded), by saturation (max − min channel): where the miniature autoencoder fails, even
-when trained on saturated colours (its README).
+when trained on saturated colours (its README); and for 32 px crops of unseen smooth colour
+fields (``procedural.smooth_field``).
 
     python tools/probe_vae_colors.py --vae=<VAE folder | pipeline folder | embedded:mini_sd> [--num=128]
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 from codi_jax import autoencoder, config_lib
 from codi_jax import data as data_lib
+from codi_jax.data import procedural
 from codi_jax.data.embedded import HELD_OUT_IMAGES
 from codi_jax.modeling import load_vae
 
@@ -68,19 +70,34 @@ def main() -> None:
     every = {k: float(np.mean([x for r in rows.values() for x in r[k]])) for k in rows[names[0]]
              if k != "color_error"}
     print(json.dumps({"vae": args.vae, "crops": seen, "pictures": table, "all": every,
-                      "flat_colours": _flat_colours(rec_fn)}, indent=1))
+                      "flat_colours": _flat_colours(rec_fn), "smooth_fields": _smooth_fields(rec_fn)}, indent=1))
 
 
-def _flat_colours(rec_fn, num: int = 96, size: int = 32) -> dict[str, float]:
+def _flat_colours(rec_fn, num: int = 96, size: int = 32) -> dict:
     """Mean reconstruction PSNR of flat pictures of uniform-RGB colours, overall and by saturation."""
     colours = np.random.default_rng(0).random((num, 3))
     image = jnp.asarray(np.broadcast_to(colours[:, None, None] * 2 - 1, (num, size, size, 3)), jnp.float32)
-    psnr = _psnr(rec_fn(image), image)
+    rec = rec_fn(image)
+    psnr = _psnr(rec, image)
     saturation = colours.max(1) - colours.min(1)
-    out = {"all": float(psnr.mean()), "worst": float(psnr.min())}
+    centre = (np.asarray(rec[:, size // 2, size // 2]) + 1) / 2
+    out = {"all": float(psnr.mean()), "worst": float(psnr.min()),
+           # The four worst colours and what comes back at the picture's centre, RGB in [0, 1].
+           "worst_colours": [[colours[i].round(2).tolist(), centre[i].round(2).tolist()]
+                             for i in np.argsort(psnr)[:4]]}
     for lo, hi in ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0)):
         out[f"saturation {lo}-{hi}"] = float(psnr[(saturation >= lo) & (saturation < hi)].mean())
     return out
+
+
+def _smooth_fields(rec_fn, num: int = 32, size: int = 32) -> dict[str, float]:
+    """Reconstruction PSNR of centre crops of smooth colour fields (``procedural.smooth_field``,
+    seeds 10 000 on: never in a train split), what ``data.embedded.procedural_smooth`` trains on."""
+    offset = (128 - size) // 2
+    image = np.stack([procedural.smooth_field(10_000 + k, 128)[offset:offset + size, offset:offset + size]
+                      for k in range(num)]).astype(np.float32) / 127.5 - 1.0
+    psnr = _psnr(rec_fn(jnp.asarray(image)), jnp.asarray(image))
+    return {"all": float(psnr.mean()), "worst": float(psnr.min())}
 
 
 if __name__ == "__main__":
