@@ -3,8 +3,8 @@
 Trains a fresh autoencoder of ``config_lib.MINI_VAE``'s architecture (``--groups`` overrides its
 ``norm_num_groups``) on pictures that are nothing but flat colours and two-colour splits, drawn
 anywhere in the RGB cube, at one picture size (``--size``), with L1 + L2 on the posterior mode,
-then prints the reconstruction PSNR of flat pictures of 96 seeded uniform-RGB colours (those of
-``probe_vae_colors.py``'s ``flat_colours``) at several sizes, overall and for saturation ≥ 0.6.
+then prints ``probe_vae_colors.py``'s ``flat_colours`` (reconstruction PSNR of flat pictures of
+96 seeded uniform-RGB colours, overall and by saturation) at several picture sizes.
 
 If it learns them at the training size, the shipped autoencoder's failure on saturated colours
 (``probe_vae_colors.py``) comes from what its training pictures hold, not from its architecture;
@@ -25,6 +25,7 @@ import optax
 
 from codi_jax import config_lib
 from codi_jax.models.vae import AutoencoderKL
+from probe_vae_colors import _flat_colours  # the same colours and scores as that probe
 
 
 def flat_and_split_pictures(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
@@ -66,16 +67,10 @@ def main() -> None:
     for _ in range(args.steps):
         params, opt_state, loss = step(params, opt_state, flat_and_split_pictures(rng, args.batch, args.size))
 
-    colours = np.random.default_rng(0).random((96, 3))
-    saturated = colours.max(1) - colours.min(1) >= 0.6
+    rec_fn = jax.jit(lambda x: jnp.clip(vae.apply({"params": params}, x), -1.0, 1.0))
     out = {"groups": args.groups, "train_size": args.size, "steps": args.steps, "final_loss": float(loss)}
     for size in (int(s) for s in args.eval_sizes.split(",")):
-        image = jnp.asarray(np.broadcast_to(colours[:, None, None] * 2 - 1, (96, size, size, 3)), jnp.float32)
-        rec = jnp.clip(vae.apply({"params": params}, image), -1, 1)
-        psnr = np.asarray(-10 * jnp.log10(jnp.mean(jnp.square((rec - image) / 2), axis=(1, 2, 3))))
-        out[f"flat {size} px"] = {"all": round(float(psnr.mean()), 2),
-                                  "saturation >= 0.6": round(float(psnr[saturated].mean()), 2),
-                                  "worst": round(float(psnr.min()), 2)}
+        out[f"flat {size} px"] = _flat_colours(rec_fn, size=size)
     print(json.dumps(out, indent=1))
 
 
