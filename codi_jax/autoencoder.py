@@ -30,14 +30,20 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import linen as nn
 from clu import metric_writers, periodic_actions
 
 from codi_jax import console, models, sharding, throughput
 from codi_jax.distill import ema_update
+from codi_jax.models.torch_init import torch_default_init
 from codi_jax.models.vae import AutoencoderKL
 from codi_jax.modeling import load_vae
 from codi_jax.train import (Preempted, PreemptionFlag, append_jsonl, check_resumable, checkpoint_manager, combine,
                             evaluation_decay, make_optimizer, partition, restore_latest, save_checkpoint)
+
+
+LOWPASS_POOL = 8  # pixels a side of the blocks whose mean colours autoencoder.lowpass_weight compares
+INITS = ("flax", "torch")
 
 
 def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
@@ -55,7 +61,15 @@ def make_loss(vae: AutoencoderKL, cfg: ml_collections.ConfigDict):
         kl = 0.5 * jnp.sum(posterior.mean**2 + posterior.var - 1.0 - posterior.logvar,
                            axis=(1, 2, 3)) / np.prod(images.shape[1:])
         total = w.l1_weight * l1 + w.l2_weight * l2 + w.kl_weight * jnp.mean(kl)
-        return total, {"loss": total, "l1": l1, "l2": l2, "kl": jnp.mean(kl)}
+        metrics = {"loss": total, "l1": l1, "l2": l2, "kl": jnp.mean(kl)}
+        if w.lowpass_weight:
+            # The reconstruction's error in each 8x8 block's mean colour, weighted on its own: a
+            # colour shift over a flat region is cheap in the pixel terms next to texture errors.
+            pool = lambda x: nn.avg_pool(x, (LOWPASS_POOL, LOWPASS_POOL), (LOWPASS_POOL, LOWPASS_POOL))
+            metrics["lowpass"] = jnp.mean(jnp.square(pool(rec) - pool(images)))
+            total = total + w.lowpass_weight * metrics["lowpass"]
+            metrics["loss"] = total
+        return total, metrics
 
     return loss
 
@@ -158,7 +172,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                              "trained VAE: set model.vae to it")
         vae_config = dict(cfg.model.vae_config.to_dict(), _class_name="AutoencoderKL")
         vae = AutoencoderKL.from_config(vae_config, jnp.dtype(cfg.model.dtype))
+        if cfg.autoencoder.init not in INITS:
+            raise ValueError(f"autoencoder.init: unknown value {cfg.autoencoder.init!r}; known: {list(INITS)}")
         params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *AutoencoderKL.dummy_inputs(vae_config))["params"]
+        if cfg.autoencoder.init == "torch":
+            params = torch_default_init(params, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
     trainable, frozen = partition(params, trainable_mask(params, cfg.autoencoder.trainable))
     tx, schedule = make_optimizer(cfg.train)
     init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "ema": p, "opt_state": tx.init(p)}

@@ -158,9 +158,12 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
 
     # Objective "autoencoder": LDM's reconstruction terms and KL weight (see autoencoder.py), and
     # what trains: "all", or "decoder" (the encoder frozen, so its latent space, and every model
-    # trained in it, stays valid). It starts from model.vae when set, else from random weights.
+    # trained in it, stays valid). It starts from model.vae when set, else from random weights
+    # drawn as flax does ("flax") or as PyTorch does ("torch", see models/torch_init.py).
+    # lowpass_weight: an extra L2 term between 8x8 average-pooled input and reconstruction (the
+    # crop's local mean colours; 0 = off).
     c.autoencoder = ml_collections.ConfigDict(dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6,
-                                                   trainable="all"))
+                                                   lowpass_weight=0.0, init="flax", trainable="all"))
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16               # global batch

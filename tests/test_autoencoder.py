@@ -55,6 +55,40 @@ def test_loss_terms():
                                rtol=1e-6)
     assert float(m["kl"]) > 0 and float(m["l2"]) <= float(m["l1"]) * 2
 
+    # lowpass_weight adds the squared error of the 8x8 block means, and nothing else.
+    cfg.autoencoder.lowpass_weight = 3.0
+    total_lp, m_lp = autoencoder.make_loss(vae, cfg)(params, x, jax.random.PRNGKey(2))
+    z = vae.apply({"params": params}, x, method=vae.encode).sample(jax.random.PRNGKey(2))
+    rec = np.asarray(vae.apply({"params": params}, z, method=vae.decode), np.float64)
+    blocks = lambda a: a.reshape(2, 2, 8, 2, 8, 3).mean(axis=(2, 4))
+    expected = np.mean(np.square(blocks(rec) - blocks(np.asarray(x, np.float64))))
+    np.testing.assert_allclose(m_lp["lowpass"], expected, rtol=1e-4)
+    np.testing.assert_allclose(total_lp, total + 3.0 * expected, rtol=1e-5)
+
+
+def test_torch_default_init_draws_pytorch_bounds_and_keeps_norms():
+    from flax import traverse_util
+
+    from codi_jax.models.torch_init import torch_default_init
+
+    vae = AutoencoderKL.from_config(TINY_VAE)
+    params = vae.init(jax.random.PRNGKey(0), *AutoencoderKL.dummy_inputs(TINY_VAE))["params"]
+    flat = traverse_util.flatten_dict(params)
+    redrawn = traverse_util.flatten_dict(torch_default_init(params, jax.random.PRNGKey(1)))
+    assert redrawn.keys() == flat.keys()
+    conv_in = ("encoder", "conv_in")
+    bound = 1 / np.sqrt(3 * 3 * 3)  # fan_in of a 3x3 conv on RGB
+    for leaf in ("kernel", "bias"):
+        v = np.asarray(redrawn[conv_in + (leaf,)])
+        assert np.abs(v).max() <= bound and np.abs(v).max() > 0.8 * bound  # uniform over ±bound
+    assert float(np.abs(np.asarray(flat[conv_in + ("bias",)])).max()) == 0.0  # flax's zeros, replaced
+    for path, v in flat.items():
+        if path[-1] == "scale" or (path[-1] == "bias" and path[:-1] + ("kernel",) not in flat):
+            np.testing.assert_array_equal(redrawn[path], v)  # GroupNorm affine: untouched
+        elif path[-1] == "kernel":
+            fan_in = np.prod(v.shape[:-1])
+            assert np.abs(np.asarray(redrawn[path])).max() <= 1 / np.sqrt(fan_in)
+
 
 def test_short_run_resumes_evaluates_and_exports(tmp_path):
     workdir = str(tmp_path)
@@ -88,6 +122,10 @@ def test_short_run_resumes_evaluates_and_exports(tmp_path):
 
 def test_decoder_training_needs_a_trained_vae(tmp_path):
     cfg = tiny_vae_config(2)
+    cfg.autoencoder.init = "pytorch"
+    with pytest.raises(ValueError, match="autoencoder.init"):
+        autoencoder.train_and_evaluate(cfg, str(tmp_path))
+    cfg.autoencoder.init = "flax"
     cfg.autoencoder.trainable = "decoder"
     with pytest.raises(ValueError, match="set model.vae"):
         autoencoder.train_and_evaluate(cfg, str(tmp_path))
