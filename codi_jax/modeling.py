@@ -195,12 +195,14 @@ class Student:
         return aux
 
     def prepare(self, aux: dict, batch: dict, rng: Array) -> dict:
-        """A data batch → the loss's batch ``{x, cond, context}`` (all frozen, no gradient)."""
+        """A data batch → the loss's batch ``{x, cond, context, image}`` (all frozen, no gradient;
+        ``image``, the pictures themselves, for the CG term against them, ``cg_distance=image_l2``)."""
         # An unadapted model (teacher pretraining) reads no condition: skip its VAE encoding.
         cond = None if self.config["adapter"] == "none" else self.encode_cond(aux, batch["cond"])
         out = {"x": self.encode_images(aux, batch["image"], rng),
                "cond": cond,
-               "context": self.context(aux, batch.get("text"))}
+               "context": self.context(aux, batch.get("text")),
+               "image": batch["image"]}
         return jax.lax.stop_gradient(out)
 
     def with_prompt(self, batch: dict) -> dict:

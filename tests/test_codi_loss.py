@@ -148,6 +148,13 @@ def test_pixel_and_perceptual_cg_go_through_the_decoder():
                            decode_fn=decode)
     assert float(pixel(perturbed, perturbed, _batch(), jax.random.PRNGKey(0))[1]["cg"]) == \
         pytest.approx(9 * 0.04, rel=1e-3)
+    # image_l2 compares D(x̂) with the pictures, not with D(x): here pictures at D(x) + 0.5.
+    image = make_codi_loss(model, SCHED, "epsilon", CoDiLossConfig(cg_distance="image_l2"), decode_fn=decode)
+    batch = dict(_batch(), image=decode(_batch()["x"]) + 0.5)
+    assert float(image(perturbed, perturbed, batch, jax.random.PRNGKey(0))[1]["cg"]) == \
+        pytest.approx((3 * 0.2 - 0.5) ** 2, rel=1e-3)
+    with pytest.raises(ValueError, match="image_l2.*batch"):
+        image(perturbed, perturbed, _batch(), jax.random.PRNGKey(0))
     perceptual = make_codi_loss(model, SCHED, "epsilon", CoDiLossConfig(cg_distance="perceptual"),
                                 decode_fn=decode,
                                 perceptual_fn=lambda a, b: jnp.abs(a - b).sum(axis=-1))

@@ -37,7 +37,7 @@ _CHOICES = {
     "consistency_space": ("eps", "x"),
     "distance": DISTANCES,
     "snr_weighting": SNR_WEIGHTINGS,
-    "cg_distance": ("latent_l2", "pixel_l2", "perceptual"),
+    "cg_distance": ("latent_l2", "pixel_l2", "image_l2", "perceptual"),
 }
 
 
@@ -59,7 +59,9 @@ class CoDiLossConfig(Switches):
     boundary_sigma_data: float = 0.5
     boundary_timestep_scaling: float = 10.0
     cg_weight: float = 1.0                # λ; 0 is the "no CG" ablation.
-    cg_distance: str = "latent_l2"        # paper default: ‖x − x̂‖² in the model's own space.
+    cg_distance: str = "latent_l2"        # paper default: ‖x − x̂‖² in the model's own space;
+    # pixel_l2: ‖D(x) − D(x̂)‖²; image_l2: ‖picture − D(x̂)‖², against the picture itself rather
+    # than its (lossy) latent, so the student can undo what the autoencoder gets wrong.
 
 
 def ema_update(target_params: Any, online_params: Any, decay: float | Array) -> Any:
@@ -93,7 +95,7 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
     returns its raw prediction of type ``prediction_type`` (the teacher's type). ``batch`` holds
     ``x`` (clean latents or pixels, (B, ...)), ``cond`` and optionally ``context`` (text).
     ``teacher_fn`` is needed by the ``teacher`` predictor; ``decode_fn`` (latent → pixels) by the
-    pixel-space CG distances; ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``.
+    pixel-space CG distances, and ``image_l2`` also needs the pictures in ``batch["image"]``; ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``.
     """
     check_prediction_type(prediction_type)
     if cfg.predictor == "teacher" and teacher_fn is None:
@@ -116,10 +118,13 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
     def denoise(params, z, t, cond, context):
         return to_pair(model_fn(params, z, schedule.model_time(t), cond, context), z, t)
 
-    def cg_term(x, x_hat):
+    def cg_term(x, x_hat, pictures):
         if cfg.cg_distance == "latent_l2":
             return distance(x, x_hat, "l2")
-        images, images_hat = decode_fn(x), decode_fn(x_hat)
+        images_hat = decode_fn(x_hat)
+        if cfg.cg_distance == "image_l2":
+            return distance(pictures.astype(jnp.float32), images_hat.astype(jnp.float32), "l2")
+        images = decode_fn(x)
         if cfg.cg_distance == "pixel_l2":
             return distance(images, images_hat, "l2")
         return perceptual_fn(images, images_hat)
@@ -129,6 +134,8 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         cond, context = batch.get("cond"), batch.get("context")
         if cond is not None and cond.shape[0] != x.shape[0]:
             raise ValueError(f"batch: cond has batch size {cond.shape[0]} but x has {x.shape[0]}")
+        if cfg.cg_distance == "image_l2" and cfg.cg_weight and "image" not in batch:
+            raise ValueError("cg_distance: 'image_l2' needs the pictures in batch['image']")
         key_t, key_eps = jax.random.split(rng)
         i = sample_grid_index(key_t, x.shape[0], cfg.grid, cfg.timestep_sampling)
         t = i.astype(jnp.float32) / cfg.grid
@@ -165,7 +172,7 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         weight = (s > 0).astype(jnp.float32) * snr_weight(
             schedule.logsnr(t), cfg.consistency_space, cfg.snr_weighting, cfg.snr_gamma)
         consistency_loss = jnp.mean(weight * consistency)
-        cg_loss = jnp.mean(cg_term(x, x_hat_t)) if cfg.cg_weight else jnp.zeros(())
+        cg_loss = jnp.mean(cg_term(x, x_hat_t, batch.get("image"))) if cfg.cg_weight else jnp.zeros(())
         total = consistency_loss + cfg.cg_weight * cg_loss
         metrics = {"loss": total, "consistency": consistency_loss, "cg": cg_loss,
                    "t": jnp.mean(t)}
