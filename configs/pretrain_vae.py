@@ -13,7 +13,10 @@ or embedded:mini_sd>`` fine-tunes a trained autoencoder instead, and
 the teacher was trained in, frozen); the mini_sd README says what those gave. ``wide``: the
 candidate for the next autoencoder (64/128/128 channels, 3.8 M parameters against 0.95 M); its
 measured curve, and what random RGB permutations of the training crops
-(``--config.data.augment.channel_permute=True``) did to it, are in the mini_sd README.
+(``--config.data.augment.channel_permute=True``) did to it, are in the mini_sd README. So are
+the runs with ``--config.autoencoder.init=torch`` (PyTorch's default initialisation) and
+``--config.autoencoder.lowpass_weight=10`` (a block-mean colour term), neither of which fixed the
+saturated colours this autoencoder gets wrong.
 """
 
 from codi_jax import config_lib
