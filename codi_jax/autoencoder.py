@@ -30,8 +30,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import linen as nn
 from clu import metric_writers, periodic_actions
+from flax import linen as nn
 
 from codi_jax import console, models, sharding, throughput
 from codi_jax.distill import ema_update

@@ -95,7 +95,8 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
     returns its raw prediction of type ``prediction_type`` (the teacher's type). ``batch`` holds
     ``x`` (clean latents or pixels, (B, ...)), ``cond`` and optionally ``context`` (text).
     ``teacher_fn`` is needed by the ``teacher`` predictor; ``decode_fn`` (latent → pixels) by the
-    pixel-space CG distances, and ``image_l2`` also needs the pictures in ``batch["image"]``; ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``.
+    pixel-space CG distances (``image_l2`` also needs the pictures in ``batch["image"]``);
+    ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``.
     """
     check_prediction_type(prediction_type)
     if cfg.predictor == "teacher" and teacher_fn is None:
