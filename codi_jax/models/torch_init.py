@@ -10,10 +10,10 @@ colour-independent offset, so a flat region's level survives the normalisation f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
 
@@ -30,7 +30,7 @@ def torch_default_init(params: Any, rng: jax.Array) -> Any:
     kernels = sorted(path for path in flat if path[-1] == "kernel")
     for i, path in enumerate(kernels):
         kernel = flat[path]
-        bound = 1.0 / float(jnp.prod(jnp.array(kernel.shape[:-1]))) ** 0.5
+        bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
         k_rng, b_rng = jax.random.split(jax.random.fold_in(rng, i))
         out[path] = jax.random.uniform(k_rng, kernel.shape, kernel.dtype, -bound, bound)
         bias_path = path[:-1] + ("bias",)
