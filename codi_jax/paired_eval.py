@@ -10,10 +10,10 @@ The whole LR picture is super-resolved (``codi_jax.predict``'s tiling), so any s
 
 Scores (``codi_jax.metrics.sr``): PSNR and SSIM on the Y channel with ``scale`` border pixels
 cropped, and on RGB (labelled ``_rgb``), per picture and averaged; the bicubic upsampling of the LR
-picture is scored beside the model. LPIPS (per picture, whole pictures) and FID (the set of
-outputs against the HR set, Inception-v3 pool features at 299 px) are computed from the weight
-files given (``--lpips_weights``, ``--fid_weights``; ``codi_jax/metrics``) and written as not
-computed, with the reason, without them. DISTS is not implemented.
+picture is scored beside the model. LPIPS and DISTS (per picture, whole pictures) and FID (the set
+of outputs against the HR set, Inception-v3 pool features at 299 px) are computed from the weight
+files given (``--lpips_weights``, ``--dists_weights``, ``--fid_weights``; ``codi_jax/metrics``)
+and written as not computed, with the reason, without them.
 
 Writes ``eval.json``, ``eval.csv`` (one row per picture and step count), the predicted pictures
 (``steps_<n>/<name>.png``) and ``psnr_vs_steps.png`` (PSNR-Y and SSIM-Y against the step count,
@@ -32,9 +32,6 @@ from PIL import Image
 
 from codi_jax import metrics, predict
 from codi_jax.metrics import sr as sr_metrics
-
-DISTS = "not computed: DISTS is not implemented here"
-
 
 def paired_files(root: str) -> list[tuple[str, str | None]]:
     """(HR file, LR file or None) for each picture of ``root/HR``, matched to ``root/LR`` by stem."""
@@ -66,12 +63,14 @@ def _signed(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32)[None] / 127.5 - 1.0
 
 
-def _scores(out: np.ndarray, hr: np.ndarray, scale: int, lpips) -> dict:
-    """The SR protocol's scores of the 8-bit ``out`` against ``hr``; LPIPS with its metric."""
+def _scores(out: np.ndarray, hr: np.ndarray, scale: int, networks: dict) -> dict:
+    """The SR protocol's scores of the 8-bit ``out`` against ``hr``; LPIPS / DISTS with those of
+    ``networks`` (name → metric) that were loaded."""
     scores = {"psnr": sr_metrics.psnr(out, hr, scale), "ssim": sr_metrics.ssim(out, hr, scale),
               "psnr_rgb": sr_metrics.psnr(out, hr, scale, y=False), "ssim_rgb": sr_metrics.ssim(out, hr, scale, y=False)}
-    if not isinstance(lpips, metrics.NotComputed):
-        scores["lpips"] = float(lpips(_signed(out), _signed(hr))[0])
+    for name, metric in networks.items():
+        if not isinstance(metric, metrics.NotComputed):
+            scores[name] = float(metric(_signed(out), _signed(hr))[0])
     return scores
 
 
@@ -93,11 +92,12 @@ def _fid_scores(sets: dict[str, list[np.ndarray]], targets: list[np.ndarray], in
 def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], seed: int = 0,
                     color_fix: bool = True, tile: int = 0, overlap: int = -1, batch: int = 1,
                     degradation: str = "bicubic", fid_weights: str = "", lpips_weights: str = "",
-                    lpips_net: str = "alex") -> dict:
+                    lpips_net: str = "alex", dists_weights: str = "") -> dict:
     """Scores ``model`` on the paired folder ``root`` at each step count; writes into ``output``."""
     import tensorflow as tf
 
-    inception, lpips = metrics.load_networks(fid_weights, lpips_weights, lpips_net)
+    inception, lpips, dists = metrics.load_networks(fid_weights, lpips_weights, lpips_net, dists_weights)
+    networks = {"lpips": lpips, "dists": dists}
     p = predict.load_predictor(model)
     if p.task != "sr":
         raise ValueError(f"--model: the SR protocol needs a super-resolution model; this one's task is {p.task!r}")
@@ -123,7 +123,7 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
         hr = np.round(hr_full[:h, :w] * 255).astype(np.uint8)
         cond = predict.sr_condition(lr, s)
         name = os.path.splitext(os.path.basename(hr_path))[0]
-        base = _scores(_uint8(cond), hr, s, lpips)
+        base = _scores(_uint8(cond), hr, s, networks)
         bicubic.append(base)
         targets.append(hr)
         upsampled.append(_uint8(cond))
@@ -135,7 +135,7 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
             pixels = _uint8(out)
             os.makedirs(os.path.join(output, f"steps_{n}"), exist_ok=True)
             Image.fromarray(pixels).save(os.path.join(output, f"steps_{n}", f"{name}.png"))
-            score = _scores(pixels, hr, s, lpips)
+            score = _scores(pixels, hr, s, networks)
             per_step[n].append(score)
             pictures[n].append(pixels)
             rows.append({"picture": name, "method": "codi" + ("+colorfix" if color_fix else ""), "steps": n, **score})
@@ -149,10 +149,10 @@ def evaluate_folder(model: str, root: str, output: str, steps: Sequence[int], se
                             "lr": "LR/ folder" if any(lr for _, lr in pairs) else f"{degradation} x{s}",
                             "color_fix": color_fix, "seed": seed, "tile": tile, "overlap": overlap},
                "steps": {str(n): mean(v) for n, v in per_step.items()}, "bicubic": mean(bicubic),
-               "fid": _fid_scores({"bicubic": upsampled, **{str(n): pictures[n] for n in steps}}, targets, inception),
-               "dists": DISTS}
-    if isinstance(lpips, metrics.NotComputed):
-        results["lpips"] = f"not computed: {lpips.reason}"
+               "fid": _fid_scores({"bicubic": upsampled, **{str(n): pictures[n] for n in steps}}, targets, inception)}
+    for name, metric in networks.items():
+        if isinstance(metric, metrics.NotComputed):
+            results[name] = f"not computed: {metric.reason}"
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

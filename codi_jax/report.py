@@ -33,8 +33,8 @@ ABLATIONS = (("codi", "codi", "CoDi (pretrained, single t, CG, PREv, latent l2)"
              ("predictor_teacher", "codi", "teacher predictor"),
              ("cg_perceptual", "codi", "perceptual CG"),
              ("codi_seed1", "codi", "CoDi, training seed 1 (the seed spread)"))
-METRICS = ("psnr", "ssim", "swd", "lpips", "fid")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "swd": False, "lpips": False, "fid": False}
+METRICS = ("psnr", "ssim", "swd", "lpips", "dists", "fid")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "swd": False, "lpips": False, "dists": False, "fid": False}
 CLAIM_STEPS = 4
 
 
@@ -48,7 +48,7 @@ def _entry(summaries: dict, variant: str, sampler: str, steps: int) -> dict | No
 def _fmt(v: float | None, metric: str) -> str:
     if v is None:
         return "—"
-    return f"{v:.4f}" if metric in ("swd", "lpips", "ssim") else f"{v:.2f}"
+    return f"{v:.4f}" if metric in ("swd", "lpips", "dists", "ssim") else f"{v:.2f}"
 
 
 def compare(a: dict | None, b: dict | None) -> tuple[str, str]:

@@ -149,7 +149,7 @@ def _random_lpips(net):
     # Trained LPIPS heads are non-negative.
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: jnp.abs(v) if p[0].key.startswith("lin") else v, params)
-    return lpips.LPIPS(module, params)
+    return lpips.PairedMetric(module, params)
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
@@ -224,7 +224,7 @@ def test_evaluation_metrics_with_lpips_weights_and_without_fid_weights(tmp_path)
     cfg = config_lib.base_config()
     cfg.eval.lpips_weights = str(tmp_path / "lpips_alex.safetensors")
     dist = evaluate.DistributionMetrics(cfg)
-    assert set(dist.not_computed) == {"fid"} and "no weight file" in dist.not_computed["fid"]
+    assert set(dist.not_computed) == {"fid", "dists"} and "no weight file" in dist.not_computed["fid"]
     a = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), minval=-1, maxval=1)
     b = jnp.clip(a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape), -1, 1)
     mask = jnp.array([1.0, 1.0, 1.0, 0.0])

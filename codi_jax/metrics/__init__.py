@@ -1,8 +1,9 @@
-"""Evaluation metrics: FID (Inception-v3 pool features), LPIPS (VGG16 / AlexNet + linear heads) and
-a multi-scale sliced Wasserstein distance that needs no pretrained network.
+"""Evaluation metrics: FID (Inception-v3 pool features), LPIPS (VGG16 / AlexNet + linear heads),
+DISTS (VGG16 with L2 pooling + learned weights) and a multi-scale sliced Wasserstein distance that
+needs no pretrained network.
 
-FID and LPIPS need the standard network weights, read from a local file the user supplies (see
-``fid.load_inception`` and ``lpips.load_lpips`` for the exact expected files). Without them these
+FID, LPIPS and DISTS need the standard network weights, read from local files the user supplies
+(see ``fid.load_inception``, ``lpips.load_lpips`` and ``dists.load_dists`` for the exact files). Without them these
 metrics are *not computed*: ``load_or_not_computed`` returns a ``NotComputed`` with the reason,
 which the evaluation writes as such — never a number.
 """
@@ -44,13 +45,16 @@ def load_or_not_computed(loader: Callable[[str], T], path: str | os.PathLike | N
         return NotComputed(f"{name}: {err}")
 
 
-def load_networks(fid_weights: str | None, lpips_weights: str | None, lpips_net: str = "alex") -> tuple:
-    """The FID extractor and the LPIPS metric from their weight files (``lpips_weights``: one
-    path or several, comma-separated), each ``NotComputed`` when its files are absent or unfit."""
-    from codi_jax.metrics import fid, lpips
+def load_networks(fid_weights: str | None, lpips_weights: str | None, lpips_net: str = "alex",
+                  dists_weights: str | None = None) -> tuple:
+    """The FID extractor, the LPIPS metric and the DISTS metric from their weight files
+    (``lpips_weights`` / ``dists_weights``: one path or several, comma-separated), each
+    ``NotComputed`` when its files are absent or unfit."""
+    from codi_jax.metrics import dists, fid, lpips
 
     return (load_or_not_computed(fid.load_inception, fid_weights, "FID"),
-            load_or_not_computed(lambda p: lpips.load_lpips(p.split(","), net=lpips_net), lpips_weights, "LPIPS"))
+            load_or_not_computed(lambda p: lpips.load_lpips(p.split(","), net=lpips_net), lpips_weights, "LPIPS"),
+            load_or_not_computed(lambda p: dists.load_dists(p.split(",")), dists_weights, "DISTS"))
 
 
 __all__ = ["NotComputed", "load_networks", "load_or_not_computed"]

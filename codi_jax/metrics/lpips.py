@@ -36,7 +36,7 @@ from codi_jax.metrics.weights import read_state_dict, to_params
 Array = jnp.ndarray
 
 # (torchvision ``features`` index, out channels, kernel, stride, padding, max-pool before it).
-_VGG16 = [(0, 64, 3, 1, 1, False), (2, 64, 3, 1, 1, False),
+VGG16_FEATURES = [(0, 64, 3, 1, 1, False), (2, 64, 3, 1, 1, False),
           (5, 128, 3, 1, 1, True), (7, 128, 3, 1, 1, False),
           (10, 256, 3, 1, 1, True), (12, 256, 3, 1, 1, False), (14, 256, 3, 1, 1, False),
           (17, 512, 3, 1, 1, True), (19, 512, 3, 1, 1, False), (21, 512, 3, 1, 1, False),
@@ -45,7 +45,7 @@ _ALEX = [(0, 64, 11, 4, 2, False), (3, 192, 5, 1, 2, True), (6, 384, 3, 1, 1, Tr
          (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, False)]
 # The indices whose ReLU output LPIPS reads (the ends of lpips' slice1..slice5).
 _TAPS = {"vgg": (2, 7, 14, 21, 28), "alex": (0, 3, 6, 8, 10)}
-_LAYERS = {"vgg": _VGG16, "alex": _ALEX}
+_LAYERS = {"vgg": VGG16_FEATURES, "alex": _ALEX}
 # lpips' ScalingLayer: (x − shift) / scale, per RGB channel, for inputs in [−1, 1].
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32)
@@ -116,11 +116,11 @@ def _normalize_lpips_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
-class LPIPS:
-    """Callable ``(a, b) -> (B,)`` LPIPS distances (jitted, differentiable); ``net`` and
-    ``params`` from ``load_lpips`` (or random ones, for tests)."""
+class PairedMetric:
+    """Callable ``(a, b) -> (B,)`` distances of a full-reference network (jitted, differentiable):
+    LPIPS from ``load_lpips``, DISTS from ``dists.load_dists`` (or random params, for tests)."""
 
-    module: LPIPSNet
+    module: nn.Module
     params: Any
 
     def __post_init__(self):
@@ -132,7 +132,7 @@ class LPIPS:
         return self._apply(self.params, a, b)
 
 
-def load_lpips(paths: str | os.PathLike | Sequence[str | os.PathLike], net: str = "alex") -> LPIPS:
+def load_lpips(paths: str | os.PathLike | Sequence[str | os.PathLike], net: str = "alex") -> PairedMetric:
     """Reads backbone + heads (one file or several, merged; see the module docstring) into LPIPS."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     state: dict[str, np.ndarray] = {}
@@ -142,4 +142,4 @@ def load_lpips(paths: str | os.PathLike | Sequence[str | os.PathLike], net: str 
     example = (jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 3)))
     params = to_params(_normalize_lpips_keys(state), module, example,
                        context=f"LPIPS ({net}) from {', '.join(os.fspath(p) for p in paths)}")
-    return LPIPS(module, params)
+    return PairedMetric(module, params)
