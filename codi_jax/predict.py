@@ -12,12 +12,14 @@ canny, the picture before the edit for edit (``--prompt`` is the instruction), t
 ``--mask`` (white = to fill; same size) for inpainting, whose known pixels are kept as they were.
 Each output is ``<output>/<input stem>.png``; a folder gives the same relative tree.
 
-Pictures larger than ``--tile`` are cut into overlapping tiles: the initial noise is drawn once
-for the whole latent picture, each tile is sampled with its piece of the condition, and the tiles'
-latents are blended with weights that fall linearly to the tile edges over ``--overlap``. The
-autoencoder then decodes the blended latents tile by tile, blended the same way in pixels, so
-memory depends on the tile and ``--batch``, not on the picture, and no seam shows. Each tile shape
-compiles once. Files that cannot be read are skipped and listed at the end; inputs are never
+Pictures larger than ``--tile`` are cut into overlapping tiles, sampled together as in
+MultiDiffusion (Bar-Tal et al. 2023): the initial noise is drawn once for the whole latent
+picture, and at every sampler step each tile's prediction x̂ (from its piece of the latents and
+of the condition) is blended into one x̂ of the whole picture, with weights that fall linearly to
+the tile edges over ``--overlap``, before the DDIM step is taken on the whole picture. The
+autoencoder then decodes the latents tile by tile, blended the same way in pixels, so memory
+depends on the tile and ``--batch`` (and the latent picture, a few numbers per pixel), and no
+seam shows. Each tile shape compiles once, for every step count. Files that cannot be read are skipped and listed at the end; inputs are never
 overwritten.
 """
 
@@ -38,7 +40,8 @@ from PIL import Image
 
 from codi_jax.config_lib import embedded_path
 from codi_jax.export import load_exported
-from codi_jax.sampling import make_codi_latents_fn
+from codi_jax import diffusion
+from codi_jax.sampling import make_tile_fns
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEPTH_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
@@ -88,16 +91,20 @@ def _grid(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(y, x) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
 
 
-def _batched(fn: Callable[[np.ndarray], np.ndarray], items: np.ndarray, batch: int) -> list[np.ndarray]:
-    """``fn`` over ``items`` (tile indices) in batches of exactly ``batch`` (the last padded with
-    copies and cut), so every call has one shape and compiles once."""
+def _chunks(items: np.ndarray, batch: int) -> list[tuple[np.ndarray, int]]:
+    """``items`` (tile indices) in batches of exactly ``batch`` (the last padded with copies), so
+    every call has one shape and compiles once; each with its number of real items."""
     out = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         pad = batch - len(chunk)
-        full = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        out.extend(np.asarray(fn(full))[:len(chunk)])
+        out.append((np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk, len(chunk)))
     return out
+
+
+def _batched(fn: Callable[[np.ndarray], np.ndarray], items: np.ndarray, batch: int) -> list[np.ndarray]:
+    """``fn`` over ``items`` in batches of ``batch`` (``_chunks``), the padding cut off."""
+    return [x for chunk, n in _chunks(items, batch) for x in np.asarray(fn(chunk))[:n]]
 
 
 # --------------------------------------------------------------------------------------- model
@@ -117,17 +124,18 @@ class Predictor:
     image_size: int
     factor: int          # pixels per latent pixel (1: a pixel-space model)
     multiple: int        # the UNet's latent tile sides must be multiples of this
-    _latents: dict = dataclasses.field(default_factory=dict)
+    _tile_fns: Optional[tuple[Callable, Callable]] = None
     _decode: Optional[Callable] = None
 
     @property
     def scale(self) -> int:
         return int(self.task_options.get("scale", 4)) if self.task == "sr" else 1
 
-    def latents_fn(self, steps: int) -> Callable:
-        if steps not in self._latents:
-            self._latents[steps] = jax.jit(make_codi_latents_fn(self.student, self.grid, steps))
-        return self._latents[steps]
+    def tile_fns(self) -> tuple[Callable, Callable]:
+        """The jitted ``(condition, denoise)`` of ``sampling.make_tile_fns``."""
+        if self._tile_fns is None:
+            self._tile_fns = tuple(jax.jit(fn) for fn in make_tile_fns(self.student))
+        return self._tile_fns
 
     def decode_fn(self) -> Callable:
         if self._decode is None:
@@ -255,13 +263,25 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
     noise = initial_noise(seed, (lh, lw, channels))
     starts = _grid(lh, lw, lt, lo)
     cond_tiles = np.stack([padded[y * f:(y + lt) * f, x * f:(x + lt) * f] for y, x in starts])
-    noise_tiles = np.stack([noise[y:y + lt, x:x + lt] for y, x in starts])
     text = p.tokens(prompt, batch)
-    latents = p.latents_fn(steps)
-    # Each batch of tiles (by index): its condition and its piece of the shared noise.
+    condition, denoise = p.tile_fns()
     index = np.arange(len(starts))
-    tiles = _batched(lambda idx: latents(p.params, p.aux, cond_tiles[idx], text, noise_tiles[idx]), index, batch)
-    z = blend_tiles(tiles, starts, (lh, lw), lo)
+    chunks = _chunks(index, batch)
+    encoded = [condition(p.aux, cond_tiles[idx], text) for idx, _ in chunks]   # once per tile
+    schedule = p.student.teacher.schedule
+    z = noise
+    ts = diffusion.timesteps(steps, p.grid)
+    for t, s in zip(ts[:-1], ts[1:]):
+        # Every tile's x̂ from its piece of the current latents, blended into the picture's x̂;
+        # then CoDi's (DDIM) step on the whole picture, so overlapping tiles share every z_t.
+        x_hats = []
+        for (idx, n), (c, context) in zip(chunks, encoded):
+            z_tiles = np.stack([z[starts[i][0]:starts[i][0] + lt, starts[i][1]:starts[i][1] + lt] for i in idx])
+            x_hats.extend(np.asarray(denoise(p.params, c, context, z_tiles, np.float32(t)))[:n])
+        x_hat = blend_tiles(x_hats, starts, (lh, lw), lo)
+        alpha_t, sigma_t = float(schedule.alpha(t)), float(schedule.sigma(t))
+        eps_hat = (z - alpha_t * x_hat) / sigma_t
+        z = np.asarray(diffusion.ddim_update(x_hat, eps_hat, float(schedule.alpha(s)), float(schedule.sigma(s))))
     if p.student.teacher.latent:
         decode = p.decode_fn()
         pieces = _batched(lambda idx: decode(p.aux, np.stack([z[y:y + lt, x:x + lt] for y, x in

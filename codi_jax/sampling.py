@@ -89,19 +89,24 @@ def make_grid_sample_fn(student: Student, sampler_name: str, grid: int) -> Calla
     return sample
 
 
-def make_codi_latents_fn(student: Student, grid: int, num_steps: int) -> Callable:
-    """``latents(params, aux, cond, text, z) -> x̂`` (jit it): CoDi's sampler from a given initial
-    noise ``z`` in the model's data space, the condition ``cond`` in pixels, no decoding. Tiled
-    prediction draws the noise once for the whole picture and blends the tiles' x̂ before decoding."""
+def make_tile_fns(student: Student) -> tuple[Callable, Callable]:
+    """``(condition, denoise)`` for sampling a picture tile by tile (jit each; ``codi_jax.predict``).
+
+    ``condition(aux, cond, text) -> (c, context)`` encodes a batch of tiles' conditions (pixels)
+    and the prompt once; ``denoise(params, c, context, z, t) -> x̂`` is one network evaluation at
+    time ``t`` (a traced scalar: one compilation serves every step of every step count). The
+    caller blends the tiles' x̂ over the whole picture and takes the DDIM step there, so tiles
+    agree at every step (MultiDiffusion), not only at the end."""
     schedule, prediction_type = student.teacher.schedule, student.teacher.prediction_type
 
-    def latents(params, aux, cond, text, z):
-        c, context = student.encode_cond(aux, cond), student.context(aux, text)
-        model_fn = lambda z, t: student.model_fn(params, z, t, c, context)
-        denoise = diffusion.make_denoiser(model_fn, schedule, prediction_type)
-        return diffusion.codi_sample(denoise, z, schedule, num_steps, grid)
+    def condition(aux, cond, text):
+        return student.encode_cond(aux, cond), student.context(aux, text)
 
-    return latents
+    def denoise(params, c, context, z, t):
+        model_fn = lambda z, model_time: student.model_fn(params, z, model_time, c, context)
+        return diffusion.make_denoiser(model_fn, schedule, prediction_type)(z, t)[0]
+
+    return condition, denoise
 
 
 def _sample_fn(student: Student, run: Callable) -> Callable:

@@ -37,12 +37,13 @@ def _border_and_inner(out, edges):
     return border, inner
 
 
-def test_no_seam_on_a_smooth_picture_larger_than_a_tile(demo):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_no_seam_on_a_smooth_picture_larger_than_a_tile(demo, steps):
     y, x = np.mgrid[0:160, 0:160] / 159.0
     smooth = (np.stack([0.2 + 0.5 * x, 0.3 + 0.4 * y, 0.6 - 0.3 * x * y], -1) * 2 - 1).astype(np.float32)
     stats = {}
     for overlap in (16, 0):  # 0: tiles butt against each other, the control that shows seams
-        out = predict.predict(demo, smooth, 1, 0, 64, overlap, 4)
+        out = predict.predict(demo, smooth, steps, 0, 64, overlap, 4)
         assert out.shape == (160, 160, 3) and np.isfinite(out).all()
         starts = sorted({s * demo.factor for s in predict.tile_starts(160 // demo.factor, 16, overlap // 4)})
         edges = sorted({e for s in starts for e in (s, s + 64)} - {0, 160})
@@ -51,6 +52,26 @@ def test_no_seam_on_a_smooth_picture_larger_than_a_tile(demo):
     assert border.mean() <= 1.5 * inner.mean() and border.max() <= inner.max()
     border0, inner0 = stats[0]
     assert border0.mean() > 2 * inner0.mean()  # without blending the tile edges do show
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_one_tile_is_the_evaluation_sampler(demo, steps):
+    """A picture of one tile: the per-step tiled loop is CoDi's sampler (``diffusion.codi_sample``,
+    what the evaluation runs) from the same initial noise, then the decoder."""
+    import jax.numpy as jnp
+
+    from codi_jax import diffusion
+
+    cond = np.asarray(np.random.default_rng(1).uniform(-1, 1, (64, 64, 3)), np.float32)
+    out = predict.predict(demo, cond, steps, 3, 64, 16, 1)
+    student, teacher = demo.student, demo.student.teacher
+    c = student.encode_cond(demo.aux, jnp.asarray(cond[None]))
+    denoise = diffusion.make_denoiser(lambda z, t: student.model_fn(demo.params, z, t, c, None),
+                                      teacher.schedule, teacher.prediction_type)
+    noise = predict.initial_noise(3, (16, 16, 4))[None]
+    z = diffusion.codi_sample(denoise, jnp.asarray(noise), teacher.schedule, steps, demo.grid)
+    expected = np.clip(np.asarray(student.decode(demo.aux, z))[0], -1, 1)
+    np.testing.assert_allclose(out, expected, atol=2e-4)
 
 
 def test_a_folder_with_a_bad_file_and_nested_pictures(demo, tmp_path):
