@@ -208,7 +208,8 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     # frequencies from the bicubic input; color_fix.py), as "<sampler>+colorfix" beside the raw one.
     c.eval.color_fix = True
     # Distribution metrics over the whole eval set: multi-scale SWD (no network needed) always;
-    # FID / LPIPS / DISTS only with the user's weight files (see codi_jax/metrics), else "not computed".
+    # FID / LPIPS / DISTS only with the user's weight files (see codi_jax/metrics), or "auto" (the
+    # standard files, fetched once and cached: codi_jax/metrics/fetch.py), else "not computed".
     c.eval.swd = True
     c.eval.fid_weights = ""               # Inception-v3 (pt_inception / torchvision) weight file
     c.eval.lpips_weights = ""             # LPIPS backbone + linear-head files, comma-separated

@@ -297,9 +297,11 @@ if __name__ == "__main__":
     flags.DEFINE_integer("overlap", -1, "Tile overlap in output pixels; -1 = tile / 4.")
     flags.DEFINE_integer("batch", 1, "Tiles per model call.")
     flags.DEFINE_string("degradation", "bicubic", "How LR pictures are made when the folder has HR/ only.")
-    flags.DEFINE_string("fid_weights", "", "Inception-v3 weights for FID (see codi_jax/metrics/fid.py); none: not computed.")
-    flags.DEFINE_string("lpips_weights", "", "LPIPS backbone + heads, comma-separated files; none: not computed.")
+    flags.DEFINE_string("fid_weights", "", "Inception-v3 weights for FID (see codi_jax/metrics/fid.py); auto: "
+                        "fetched and cached (codi_jax/metrics/fetch.py); none: not computed.")
+    flags.DEFINE_string("lpips_weights", "", "LPIPS backbone + heads, comma-separated files; auto: fetched; "
+                        "none: not computed.")
     flags.DEFINE_string("lpips_net", "alex", "LPIPS backbone: alex or vgg.")
     flags.DEFINE_string("dists_weights", "", "DISTS: VGG16 + alpha/beta, comma-separated files (see "
-                        "codi_jax/metrics/dists.py); none: not computed.")
+                        "codi_jax/metrics/dists.py); auto: fetched; none: not computed.")
     app.run(_main)

@@ -143,12 +143,13 @@ def _perceptual_fn(cfg: ml_collections.ConfigDict, loss_cfg: CoDiLossConfig) -> 
     """LPIPS for the ``cg_distance=perceptual`` ablation, from ``eval.lpips_weights``."""
     if loss_cfg.cg_distance != "perceptual" or not loss_cfg.cg_weight:
         return None
-    from codi_jax.metrics import lpips
+    from codi_jax.metrics import fetch, lpips
 
     if not cfg.eval.lpips_weights:
         raise ValueError("distill.cg_distance: 'perceptual' needs LPIPS weights; set "
                          "eval.lpips_weights (see codi_jax/metrics/lpips.py for the files)")
-    return lpips.load_lpips(cfg.eval.lpips_weights.split(","), net=cfg.eval.lpips_net)
+    files = fetch.resolve(cfg.eval.lpips_weights, f"lpips:{cfg.eval.lpips_net}")
+    return lpips.load_lpips(files.split(","), net=cfg.eval.lpips_net)
 
 
 @dataclasses.dataclass(frozen=True)

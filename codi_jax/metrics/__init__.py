@@ -3,8 +3,9 @@ DISTS (VGG16 with L2 pooling + learned weights) and a multi-scale sliced Wassers
 needs no pretrained network.
 
 FID, LPIPS and DISTS need the standard network weights, read from local files the user supplies
-(see ``fid.load_inception``, ``lpips.load_lpips`` and ``dists.load_dists`` for the exact files). Without them these
-metrics are *not computed*: ``load_or_not_computed`` returns a ``NotComputed`` with the reason,
+(see ``fid.load_inception``, ``lpips.load_lpips`` and ``dists.load_dists`` for the exact files),
+or fetched from their canonical URLs and cached when given as ``auto`` (``fetch``). Without them
+these metrics are *not computed*: ``load_or_not_computed`` returns a ``NotComputed`` with the reason,
 which the evaluation writes as such — never a number.
 """
 
@@ -48,13 +49,18 @@ def load_or_not_computed(loader: Callable[[str], T], path: str | os.PathLike | N
 def load_networks(fid_weights: str | None, lpips_weights: str | None, lpips_net: str = "alex",
                   dists_weights: str | None = None) -> tuple:
     """The FID extractor, the LPIPS metric and the DISTS metric from their weight files
-    (``lpips_weights`` / ``dists_weights``: one path or several, comma-separated), each
-    ``NotComputed`` when its files are absent or unfit."""
-    from codi_jax.metrics import dists, fid, lpips
+    (``lpips_weights`` / ``dists_weights``: one path or several, comma-separated; ``auto``: the
+    standard files, fetched and cached by ``fetch``), each ``NotComputed`` when its files are
+    absent, unreachable or unfit."""
+    from codi_jax.metrics import dists, fetch, fid, lpips
 
-    return (load_or_not_computed(fid.load_inception, fid_weights, "FID"),
-            load_or_not_computed(lambda p: lpips.load_lpips(p.split(","), net=lpips_net), lpips_weights, "LPIPS"),
-            load_or_not_computed(lambda p: dists.load_dists(p.split(",")), dists_weights, "DISTS"))
+    def files(spec: str, metric: str) -> list[str]:
+        return fetch.resolve(spec, metric).split(",")
+
+    return (load_or_not_computed(lambda p: fid.load_inception(files(p, "fid")[0]), fid_weights, "FID"),
+            load_or_not_computed(lambda p: lpips.load_lpips(files(p, f"lpips:{lpips_net}"), net=lpips_net),
+                                 lpips_weights, "LPIPS"),
+            load_or_not_computed(lambda p: dists.load_dists(files(p, "dists")), dists_weights, "DISTS"))
 
 
 __all__ = ["NotComputed", "load_networks", "load_or_not_computed"]
