@@ -40,6 +40,8 @@ def test_presets_compose_and_unknown_ones_are_named():
     cfg = _pretrain_vae_config("wide,minimal")
     assert list(cfg.model.vae_config.block_out_channels) == [64, 128, 128] and cfg.train.num_steps == 6
     assert list(_pretrain_vae_config(None).model.vae_config.block_out_channels) == [32, 64, 64]
+    stage2 = _pretrain_vae_config("finetune64")
+    assert stage2.data.image_size == 64 and stage2.train.num_steps == 1000 and stage2.train.lr == 3e-4
     with pytest.raises(ValueError, match=r"\['tall'\]"):
         _pretrain_vae_config("wide,tall")
 
