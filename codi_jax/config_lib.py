@@ -16,7 +16,7 @@ import ml_collections
 from flax import traverse_util
 
 from codi_jax.data.config import default_config as data_default_config
-from codi_jax.distill import CMLossConfig, CoDiLossConfig, ProgressiveLossConfig
+from codi_jax.distill import CMLossConfig, CoDiLossConfig, FlashLossConfig, ProgressiveLossConfig
 
 # The pixel-space teacher shipped inside the package (configs/pretrain.py:pixel on the demo
 # crops); kept for tests and as the pixel-space example.
@@ -120,7 +120,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.attention = ""                # "" = XLA default, "cudnn" on GPUs
     m.prompt = ""                   # text-to-image teachers: prompt for every example
     m.text_layer = "last"           # last | penultimate (SD 2.x)
-    # cm | gd: the export/ folder of a conditional teacher fine-tuned with objective=diffusion
+    # cm | gd | flash: the export/ folder of a conditional teacher fine-tuned with objective=diffusion
     # (the `finetune` preset). The student starts from it; model.pretrained is then unused.
     m.conditional_teacher = ""
     # LoRA (models/lora.py): rank r > 0 adds factors A·B beside the attention projections (and,
@@ -154,6 +154,9 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     # Progressive distillation: rounds teacher_steps → /2 → … → target_steps, train.num_steps
     # split evenly over the rounds.
     c.gd = switches_config(ProgressiveLossConfig())
+    # Flash Diffusion (Chadebec et al. 2024): K-grid timestep mixture, teacher ODE target, LSGAN
+    # head on the teacher's encoder, DMD; see distill/flash.py for the choices the paper leaves open.
+    c.flash = switches_config(FlashLossConfig())
 
     c.data = data_default_config(task)
     # The embedded pictures, held out by picture, with the augmentations that keep a small set
@@ -266,6 +269,20 @@ def _cm(c: ml_collections.ConfigDict) -> None:
     c.eval.samplers = ("cm",)
 
 
+def _flash(c: ml_collections.ConfigDict) -> None:
+    c.objective = "flash"
+    # Its multistep sampler (re-noising between steps on the K grid), at the paper's 1, 2, 4 steps.
+    c.eval.samplers = ("flash",)
+    c.eval.steps = (1, 2, 4)
+
+
+def _flash_lora(c: ml_collections.ConfigDict) -> None:
+    """The paper's setting: Flash with the student's weights frozen and rank-r LoRA factors
+    trained (UNet and adapter attention projections; the paper's SD1.5 LoRA has rank 64)."""
+    _flash(c)
+    c.model.lora_rank = 8
+
+
 def _gd(c: ml_collections.ConfigDict) -> None:
     c.objective = "gd"
     # The deterministic (DDIM) and the stochastic N-step sampler of Meng et al. §3.3.
@@ -281,10 +298,12 @@ PRESETS: dict[str, Preset] = {
     "finetune": _finetune,
     "cm": _cm,
     "gd": _gd,
+    "flash": _flash,
+    "flash_lora": _flash_lora,
     "minimal": make_minimal,
 }
 # Presets that set the same thing: at most one of each group (and at most one model recipe).
-EXCLUSIVE_PRESETS = (("finetune", "cm", "gd"),)
+EXCLUSIVE_PRESETS = (("finetune", "cm", "gd", "flash", "flash_lora"),)
 
 
 def config_module(config_file: str, name: str) -> Any:

@@ -133,7 +133,8 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     steps = [int(n) for n in cfg.eval.steps]
     cm = CMLossConfig.from_mapping(cfg.cm.to_dict())
     samplers = samplers or JittedSamplers(student)
-    fns = {(s, n): samplers.get(s, cm.grid if s == "cm" else cfg.distill.grid, n, cm)
+    grids = {"cm": cm.grid, "flash": cfg.flash.num_timesteps}
+    fns = {(s, n): samplers.get(s, grids.get(s, cfg.distill.grid), n, cm)
            for s in cfg.eval.samplers for n in steps}
     metric_fn = jax.jit(_metrics)
     conditional = student.config["adapter"] != "none"  # else: pretraining, no input to show

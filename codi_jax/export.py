@@ -84,7 +84,8 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         with open(os.path.join(tmp, "codi.json"), "w") as f:
             task = cfg.data.task
             json.dump({"adapted_config": {k: v for k, v in student.config.items() if k != "unet"},
-                       "prediction_type": teacher.prediction_type, "grid": cfg.distill.grid,
+                       "prediction_type": teacher.prediction_type, "grid": sampling_grid(cfg),
+                       "sampler": "flash" if cfg.objective == "flash" else "codi",
                        "text_layer": student.text_layer, "prompt": student.prompt,
                        # What `codi_jax.predict` needs to build conditions as the training did.
                        "task": task, "image_size": cfg.data.image_size,
@@ -100,10 +101,15 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
     return write_folder_atomically(out_dir, write)
 
 
+def sampling_grid(cfg: ml_collections.ConfigDict) -> int:
+    """The time grid the exported model samples on: CoDi's teacher grid, or Flash's K."""
+    return cfg.flash.num_timesteps if cfg.objective == "flash" else cfg.distill.grid
+
+
 def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool = False) -> str:
     """The export's README: what the model is and how to run it, here and in PyTorch/diffusers
     (the scheduler settings that reproduce CoDi's sampler)."""
-    adapter, grid = student.config["adapter"], cfg.distill.grid
+    adapter, grid = student.config["adapter"], sampling_grid(cfg)
     hint = student.config["cond_embedding_channels"] is not None
     divisors = ", ".join(str(n) for n in range(1, grid + 1) if grid % n == 0)
     text = student.teacher.text_encoder is not None
@@ -135,6 +141,12 @@ def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool 
         "(`guidance_scale=1`), `eta=0`.",
         "",
     ]
+    if cfg.objective == "flash":
+        lines[-1:-1] = [
+            "", "Distilled with Flash Diffusion: its sampler re-noises x̂ with fresh noise between "
+            "steps instead of DDIM's deterministic step (diffusers' `LCMScheduler` steps this way; "
+            "parity with it is not tested). `codi.json` says `\"sampler\": \"flash\"`, which "
+            "`codi_jax.predict` follows."]
     if has_lora:
         lines += [
             f"`lora/pytorch_lora_weights.safetensors`: the UNet's rank-{cfg.model.lora_rank} LoRA alone "

@@ -119,6 +119,7 @@ class Predictor:
     params: Any
     aux: Any
     grid: int
+    sampler: str         # "codi" (DDIM steps) | "flash" (x̂ re-noised with fresh noise)
     task: str
     task_options: dict
     image_size: int
@@ -174,7 +175,7 @@ def load_predictor(model: str) -> Predictor:
         factor = 64 // probe.shape[1]
     else:
         factor = 1
-    return Predictor(student, params, aux, grid, meta["task"], meta.get("task_options", {}),
+    return Predictor(student, params, aux, grid, meta.get("sampler", "codi"), meta["task"], meta.get("task_options", {}),
                      int(meta.get("image_size", 64)), factor, 2 ** (levels - 1))
 
 
@@ -271,7 +272,7 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
     schedule = p.student.teacher.schedule
     z = noise
     ts = diffusion.timesteps(steps, p.grid)
-    for t, s in zip(ts[:-1], ts[1:]):
+    for k, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         # Every tile's x̂ from its piece of the current latents, blended into the picture's x̂;
         # then CoDi's (DDIM) step on the whole picture, so overlapping tiles share every z_t.
         x_hats = []
@@ -281,6 +282,8 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
         x_hat = blend_tiles(x_hats, starts, (lh, lw), lo)
         alpha_t, sigma_t = float(schedule.alpha(t)), float(schedule.sigma(t))
         eps_hat = (z - alpha_t * x_hat) / sigma_t
+        if p.sampler == "flash":   # re-noised with fresh noise, drawn for the whole picture
+            eps_hat = initial_noise(seed + 1 + k, z.shape)
         z = np.asarray(diffusion.ddim_update(x_hat, eps_hat, float(schedule.alpha(s)), float(schedule.sigma(s))))
     if p.student.teacher.latent:
         decode = p.decode_fn()

@@ -2,7 +2,8 @@
 
 ``SAMPLERS``: CoDi's few-step sampler on the teacher grid (``codi``), DDIM and DPM-Solver++ on the
 teacher's training grid (``ddim``, ``dpmpp``: teachers and GD students), GD's stochastic N-step
-sampler (``stochastic``) and the consistency model's multistep sampler (``cm``). The evaluation
+sampler (``stochastic``), the consistency model's multistep sampler (``cm``) and Flash
+Diffusion's (``flash``: x̂ re-noised with fresh noise between steps on its K grid). The evaluation
 and anything that runs a model on pictures share this registry.
 """
 
@@ -17,7 +18,7 @@ from codi_jax import diffusion
 from codi_jax.distill import CMLossConfig, make_cm_denoiser
 from codi_jax.modeling import Student
 
-SAMPLERS = ("codi", "ddim", "dpmpp", "stochastic", "cm")
+SAMPLERS = ("codi", "ddim", "dpmpp", "stochastic", "cm", "flash")
 
 
 def sampling_grid(sampler_name: str, student: Student, grid: int) -> int | None:
@@ -56,6 +57,11 @@ def sampler(name: str, student: Student, grid: int, cm: CMLossConfig) -> Callabl
         "cm": lambda model_fn, z, n, rng: diffusion.consistency_sample(
             make_cm_denoiser(model_fn, schedule, prediction_type, cm), z, schedule,
             diffusion.timesteps(n, cm.grid), rng),
+        # Flash students: the plain denoiser, re-noised between steps (as LCM's scheduler does)
+        # on the K grid it trained on (``grid`` is flash.num_timesteps for it).
+        "flash": lambda model_fn, z, n, rng: diffusion.consistency_sample(
+            diffusion.make_denoiser(model_fn, schedule, prediction_type), z, schedule,
+            diffusion.timesteps(n, grid), rng),
     }
     if name not in samplers:
         raise ValueError(f"eval.samplers: unknown sampler {name!r}; known: {sorted(samplers)}")

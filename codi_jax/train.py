@@ -25,18 +25,20 @@ from absl import logging
 from flax import traverse_util
 
 from codi_jax import console, diffusion, distributed, evaluate, sharding, throughput
-from codi_jax.distill import (CMLossConfig, CoDiLossConfig, ProgressiveLossConfig, ema_update,
-                              make_cm_loss, make_codi_loss, make_progressive_loss)
+from codi_jax.distill import (CMLossConfig, CoDiLossConfig, FlashLossConfig, ProgressiveLossConfig,
+                              ema_update, make_cm_loss, make_codi_loss, make_flash_losses,
+                              make_progressive_loss)
 from codi_jax.export import export, load_exported
 from codi_jax.models import adapters, lora
+from codi_jax.models.discriminator import LatentDiscriminator
 from codi_jax.modeling import Student, build_student, load_teacher
 from codi_jax.sampling import JittedSamplers
 
-OBJECTIVES = ("codi", "diffusion", "cm", "gd")
+OBJECTIVES = ("codi", "diffusion", "cm", "gd", "flash")
 # Objectives with a consistency target θ⁻ (the EMA of Algorithm 1's last line) in the loss.
 TARGET_OBJECTIVES = ("codi", "cm")
 # Objectives that distil a fine-tuned conditional teacher (model.conditional_teacher).
-BASELINE_OBJECTIVES = ("cm", "gd")
+BASELINE_OBJECTIVES = ("cm", "gd", "flash")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +126,9 @@ def make_loss(cfg: ml_collections.ConfigDict, student: Student, student_steps: i
                                          student_steps, gd_cfg)(params, batch, rng)
 
         return gd_loss
+    if cfg.objective == "flash":
+        raise ValueError("objective 'flash' has two losses (generator and discriminator): see "
+                         "make_flash_losses / make_train_step")
     if cfg.objective != "codi":
         raise ValueError(f"objective: unknown value {cfg.objective!r}; known: {list(OBJECTIVES)}")
     loss_cfg = CoDiLossConfig.from_mapping(cfg.distill.to_dict())
@@ -184,6 +189,82 @@ def evaluation_decay(decay: float, step: jax.Array) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def flash_losses(cfg: ml_collections.ConfigDict, student: Student, aux: dict):
+    """Flash Diffusion's generator and discriminator losses (``distill/flash.py``): the student
+    against the frozen conditional teacher ``aux["teacher"]``, whose UNet encoder feeds the
+    discriminator head (the latent only: the condition is enforced by the distillation term)."""
+    flash_cfg = FlashLossConfig.from_mapping(cfg.flash.to_dict())
+    teacher = student.teacher
+    unet, head = student.module.unet, LatentDiscriminator()
+
+    def features(z, model_time, context):
+        return unet.apply({"params": aux["teacher"]["unet"]}, z, model_time, context, method="encode")
+
+    return make_flash_losses(
+        student.model_fn, functools.partial(student.model_fn, aux["teacher"]), features,
+        lambda params, f: head.apply({"params": params}, f), teacher.schedule,
+        teacher.prediction_type, flash_cfg)
+
+
+def discriminator_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The discriminator head's own Adam (constant ``flash.disc_lr``), state ``disc_opt_state``."""
+    return optax.adam(cfg.flash.disc_lr)
+
+
+def init_discriminator(cfg: ml_collections.ConfigDict, feature_channels: int) -> dict:
+    """The head's initial params: they depend on the teacher encoder's channel count only."""
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xD15C)
+    return LatentDiscriminator().init(key, jnp.zeros((1, 4, 4, feature_channels), jnp.float32))["params"]
+
+
+def make_flash_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.GradientTransformation,
+                          schedule: Callable) -> Callable:
+    """Flash Diffusion's step: a generator update of the student (eq. 6), then a discriminator
+    update (eq. 4) against the *updated* student's samples, each applied only if finite."""
+    if cfg.train.grad_accum != 1:
+        raise ValueError("train.grad_accum: objective 'flash' takes no gradient accumulation yet")
+    disc_tx = discriminator_optimizer(cfg)
+
+    def step(state, frozen, aux, batch, base_rng):
+        k_prep, k_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
+        data = student.prepare(aux, batch, k_prep)
+        losses = flash_losses(cfg, student, aux)
+        progress = state["step"].astype(jnp.float32) / cfg.train.num_steps
+
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: losses.generator(combine(p, frozen), state["disc"], data, k_loss, progress),
+            has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        grad_norm = optax.global_norm(grads)
+        g_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda n, o: jnp.where(g_ok, n, o),
+                                         (optax.apply_updates(state["params"], updates), opt_state),
+                                         (state["params"], state["opt_state"]))
+
+        disc, disc_opt_state, d_ok = state["disc"], state["disc_opt_state"], jnp.asarray(True)
+        if cfg.flash.adv_weight:
+            (d_loss, d_metrics), d_grads = jax.value_and_grad(
+                lambda d: losses.discriminator(d, combine(params, frozen), data, k_loss, progress),
+                has_aux=True)(disc)
+            d_updates, d_state = disc_tx.update(d_grads, disc_opt_state, disc)
+            d_ok = jnp.isfinite(d_loss) & jnp.isfinite(optax.global_norm(d_grads))
+            disc, disc_opt_state = jax.tree.map(lambda n, o: jnp.where(d_ok, n, o),
+                                                (optax.apply_updates(disc, d_updates), d_state),
+                                                (disc, disc_opt_state))
+            metrics = dict(metrics, **d_metrics)
+        new = {"step": state["step"] + 1, "params": params, "target": state["target"],
+               "round_teacher": state["round_teacher"],
+               "ema": jax.tree.map(lambda n, o: jnp.where(g_ok, n, o),
+                                   ema_update(state["ema"], params, evaluation_decay(cfg.train.eval_ema_decay, state["step"])),
+                                   state["ema"]),
+               "opt_state": opt_state, "disc": disc, "disc_opt_state": disc_opt_state}
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"]), progress=progress,
+                       finite=(g_ok & d_ok).astype(jnp.float32))
+        return new, metrics
+
+    return step
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.GradientTransformation,
                     schedule: Callable, student_steps: int | None = None, first_step: int = 0
                     ) -> Callable:
@@ -191,6 +272,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, student: Student, tx: optax.
 
     ``student_steps`` and ``first_step`` describe the current GD round (whose optimizer, and so
     learning-rate schedule, restarted at ``first_step``)."""
+    if cfg.objective == "flash":
+        return make_flash_train_step(cfg, student, tx, schedule)
     loss_fn = make_loss(cfg, student, student_steps)
     accum = cfg.train.grad_accum
 
@@ -420,7 +503,7 @@ def parameter_groups(cfg: ml_collections.ConfigDict, student: Student, params: d
     if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
         # The teacher's UNet, frozen: the online one moves under "all" (or its LoRA factors do).
         aux["teacher"] = lora.merge(params)["unet"]
-    if cfg.objective == "cm":
+    if cfg.objective in ("cm", "flash"):
         aux["teacher"] = lora.merge(params)  # the whole conditional teacher, frozen; the student starts as it
     return trainable, frozen, aux
 
@@ -433,7 +516,8 @@ def abstract_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, stud
     trainable, frozen, aux = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                           parameter_groups(cfg, student, params))
     tx, schedule = make_optimizer(cfg.train)
-    state = jax.eval_shape(functools.partial(initial_state, cfg, tx), trainable)
+    state = jax.eval_shape(functools.partial(initial_state, cfg, tx, feature_channels=_feature_channels(student)),
+                           trainable)
     shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=cfg.mesh.min_shard_size)
     state_sh, frozen_sh, aux_sh = shard(state), shard(frozen), shard(aux)
     return Setup(student, sharding.with_shardings(state, state_sh), state_sh,
@@ -458,7 +542,8 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     frozen = jax.device_put(frozen, parts.frozen_sharding)
     aux = jax.device_put(aux, parts.aux_sharding)
     params_sh = parts.state_sharding["params"]
-    state = jax.jit(functools.partial(initial_state, cfg, parts.tx), in_shardings=(params_sh,),
+    state = jax.jit(functools.partial(initial_state, cfg, parts.tx, feature_channels=_feature_channels(student)),
+                    in_shardings=(params_sh,),
                     out_shardings=parts.state_sharding)(jax.device_put(trainable, params_sh))
     teacher = dataclasses.replace(
         student.teacher, unet_params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -468,14 +553,25 @@ def setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                state=state, frozen=frozen, aux=aux)
 
 
-def initial_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, trainable: dict) -> dict:
+def _feature_channels(student: Student) -> int:
+    """Channels of the UNet encoder's output, which Flash's discriminator head reads."""
+    return student.module.unet.arch.block_out_channels[-1]
+
+
+def initial_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, trainable: dict,
+                  feature_channels: int = 0) -> dict:
     """The train state at step 0: the trainable params, θ⁻ (``target``: CoDi / CM), GD's frozen
     teacher of the current round (``round_teacher``), the evaluation EMA (``ema``: what is
-    evaluated and exported) and the optimizer state. An entry an objective does not use is {}."""
-    return {"step": jnp.zeros((), jnp.int32), "params": trainable,
-            "target": trainable if cfg.objective in TARGET_OBJECTIVES else {},
-            "round_teacher": trainable if cfg.objective == "gd" else {},
-            "ema": trainable, "opt_state": tx.init(trainable)}
+    evaluated and exported) and the optimizer state. An entry an objective does not use is {};
+    Flash adds its discriminator head (``disc``) and that head's optimizer state."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
+             "target": trainable if cfg.objective in TARGET_OBJECTIVES else {},
+             "round_teacher": trainable if cfg.objective == "gd" else {},
+             "ema": trainable, "opt_state": tx.init(trainable)}
+    if cfg.objective == "flash":
+        disc = init_discriminator(cfg, feature_channels)
+        state.update(disc=disc, disc_opt_state=discriminator_optimizer(cfg).init(disc))
+    return state
 
 
 def load_conditional_teacher(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:

@@ -1,4 +1,4 @@
-"""The baselines in the trainer: CM and GD distil an exported fine-tuned conditional teacher; GD's
+"""The baselines in the trainer: CM, GD and Flash distil an exported fine-tuned conditional teacher; GD's
 rounds (the round's teacher lives in the checkpointed state) resume bitwise across a boundary;
 the reproduction's pipeline runs end to end on a smoke budget."""
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from codi_jax import experiments, report, sharding, train
+from codi_jax import experiments, predict, report, sharding, train
 from test_train import _checkpoint
 from tiny import tiny_config
 
@@ -34,7 +34,7 @@ def _baseline_config(objective, teacher, **train_overrides):
 
 
 def test_baselines_need_a_conditional_teacher():
-    for objective in ("cm", "gd"):
+    for objective in ("cm", "gd", "flash"):
         cfg = tiny_config()
         cfg.objective = objective
         with pytest.raises(ValueError, match="conditional_teacher"):
@@ -63,6 +63,38 @@ def test_gd_rounds_chain_and_resume_bitwise_at_a_round_boundary(conditional_teac
     shutil.copytree(whole, halves)
     shutil.rmtree(os.path.join(halves, "checkpoints", "4"))
     train.train_and_evaluate(_baseline_config("gd", conditional_teacher), halves)
+    for a, b in zip(jax.tree.leaves(step4), jax.tree.leaves(_checkpoint(halves, 4))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_flash_trains_student_and_discriminator_and_resumes_bitwise(conditional_teacher, tmp_path):
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    cfg = _baseline_config("flash", conditional_teacher)
+    cfg.flash.num_timesteps, cfg.flash.teacher_steps = 8, 2
+    cfg.eval.samplers, cfg.eval.steps, cfg.eval.num_examples = ("flash",), (1, 2), 8
+    cfg.export = True
+    results = train.train_and_evaluate(cfg, whole)
+    assert set(results["samplers"]["flash"]) == {"1", "2"}
+    # The export records Flash's sampler and grid; predict follows them (the picture is two tiles).
+    p = predict.load_predictor(os.path.join(whole, "export"))
+    assert (p.sampler, p.grid) == ("flash", 8)
+    out = predict.predict(p, np.zeros((16, 24, 3), np.float32), steps=2, seed=0, tile=16, overlap=8, batch=2)
+    assert out.shape == (16, 24, 3) and np.all(np.isfinite(out))
+    cfg.export = False
+    step0 = train.setup(cfg, sharding.make_mesh(1, 1, jax.devices()[:1])).state
+    step4 = _checkpoint(whole, 4)
+    # Both players moved: the student away from the teacher, the head away from its init.
+    for name in ("params", "disc"):
+        assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+                   for a, b in zip(jax.tree.leaves(step4[name]), jax.tree.leaves(step0[name]))), name
+    # Each has its own optimizer state in the checkpoint, and a resumed run is bitwise the same.
+    assert jax.tree.leaves(step4["disc_opt_state"])
+    # The timestep distribution follows train.num_steps: a shorter run is not the first half of a
+    # longer one, so the halves run is "killed" by removing its later checkpoint instead.
+    shutil.copytree(whole, halves)
+    shutil.rmtree(os.path.join(halves, "checkpoints", "4"))
+    cfg.eval.num_examples = 0
+    train.train_and_evaluate(cfg, halves)
     for a, b in zip(jax.tree.leaves(step4), jax.tree.leaves(_checkpoint(halves, 4))):
         np.testing.assert_array_equal(a, b)
 

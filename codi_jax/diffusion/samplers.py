@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax.diffusion.parametrization import check_prediction_type, ddim_update, to_x_eps
+from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, ddim_update, to_x_eps
 from codi_jax.diffusion.schedule import Schedule
 
 Array = jnp.ndarray
@@ -50,12 +50,14 @@ def timesteps(num_steps: int, grid_size: int | None = None) -> np.ndarray:
     return idx / grid_size
 
 
-def _pairs(ts: np.ndarray) -> tuple[Array, Array]:
-    return jnp.asarray(ts[:-1], jnp.float32), jnp.asarray(ts[1:], jnp.float32)
+def _pairs(ts: np.ndarray | Array) -> tuple[Array, Array]:
+    ts = jnp.asarray(ts, jnp.float32)
+    return ts[:-1], ts[1:]
 
 
-def ddim_sample(denoise: Denoiser, z_init: Array, schedule: Schedule, ts: np.ndarray) -> Array:
-    """Deterministic DDIM (eq. 6) along ``ts``; returns z at the last time (x̂ when it is 0)."""
+def ddim_sample(denoise: Denoiser, z_init: Array, schedule: Schedule, ts: np.ndarray | Array) -> Array:
+    """Deterministic DDIM (eq. 6) along ``ts``, (steps + 1,) or one time path per example
+    (steps + 1, B); returns z at the last time (x̂ when it is 0)."""
 
     def step(z, t_s):
         t, s = t_s
@@ -144,13 +146,14 @@ def stochastic_sample(denoise: Denoiser, z_init: Array, schedule: Schedule, num_
     return z
 
 
-def dpm_solver_pp_2m(denoise: Denoiser, z_init: Array, schedule: Schedule, ts: np.ndarray) -> Array:
+def dpm_solver_pp_2m(denoise: Denoiser, z_init: Array, schedule: Schedule, ts: np.ndarray | Array) -> Array:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) in data-prediction form along ``ts``.
 
     Step t → s with h = λ_s − λ_t (λ = log α/σ here, the half log-SNR):
     z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D, where D = x̂_t on the first step and
     D = (1 + 1/(2r)) x̂_t − 1/(2r) x̂_prev with r = h_prev/h afterwards. The step that lands on
     σ = 0 is first order (D = x̂_t), as diffusers does with ``final_sigmas_type="zero"``.
+    ``ts`` is (steps + 1,) or, one time path per example, (steps + 1, B).
     """
 
     def half_logsnr(t):
@@ -164,14 +167,15 @@ def dpm_solver_pp_2m(denoise: Denoiser, z_init: Array, schedule: Schedule, ts: n
         final = sig_s == 0
         # On the final step h = ∞; guard it so the unused branch stays finite.
         h = jnp.where(final, 1.0, half_logsnr(s) - half_logsnr(t))
-        r = h_prev / h
+        r = broadcast_to(h_prev / h, z)
         second = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * x_prev
-        d = jnp.where(is_first | final, x_hat, second)
-        z_s = jnp.where(final, x_hat, (sig_s / sig_t) * z - a_s * jnp.expm1(-h) * d)
+        d = jnp.where(broadcast_to(is_first | final, z), x_hat, second)
+        z_s = broadcast_to(sig_s / sig_t, z) * z - broadcast_to(a_s * jnp.expm1(-h), z) * d
+        z_s = jnp.where(broadcast_to(final, z), x_hat, z_s)
         return (z_s, x_hat, h), None
 
     pairs = _pairs(ts)
     is_first = jnp.arange(len(ts) - 1) == 0
-    init = (z_init, jnp.zeros_like(z_init), jnp.ones((), jnp.float32))
+    init = (z_init, jnp.zeros_like(z_init), jnp.ones(pairs[0].shape[1:], jnp.float32))
     (z, _, _), _ = jax.lax.scan(step, init, (pairs, is_first))
     return z

@@ -220,6 +220,12 @@ def w_conditioned(model_fn: ModelFn, into: str = "cond") -> ModelFn:
     return fn
 
 
+def guided_prediction(x_cond: Array, x_uncond: Array, w: Array) -> Array:
+    """Classifier-free guidance on x̂ with per-example weight w (Meng et al. eq. 2):
+    x̂^w = (1 + w) x̂_c − w x̂_∅; w = 0 is the conditional model, diffusers' guidance scale is 1 + w."""
+    return broadcast_to(1.0 + w, x_cond) * x_cond - broadcast_to(w, x_uncond) * x_uncond
+
+
 def make_guided_stage_one_loss(student_fn: ModelFn, teacher_fn: ConditionalTeacherFn,
                                uncond_fn: Callable[[Any, Any], tuple[Any, Any]], schedule: Schedule,
                                prediction_type: str,
@@ -254,7 +260,7 @@ def make_guided_stage_one_loss(student_fn: ModelFn, teacher_fn: ConditionalTeach
 
         cond_u, context_u = uncond_fn(cond, context)
         x_c, x_u = teacher_x(cond, context), teacher_x(cond_u, context_u)
-        x_guided = jax.lax.stop_gradient(broadcast_to(1.0 + w, x_c) * x_c - broadcast_to(w, x_u) * x_u)
+        x_guided = jax.lax.stop_gradient(guided_prediction(x_c, x_u, w))
         pred = student_fn(params, z_t, model_time, {"cond": cond, "w": w}, context).astype(jnp.float32)
         x_hat, _ = to_x_eps(pred, z_t, alpha, sigma, prediction_type)
         per_example = distance(x_hat, x_guided, "l2")

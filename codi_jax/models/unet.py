@@ -604,6 +604,19 @@ class UNet2DConditionModel(nn.Module):
         """The time embedding ``temb`` (shared with the CoDi conditional encoder)."""
         return embed_timesteps(self.arch, self.time_embedding, timesteps, batch, self.dtype)
 
+    def encode(self, sample: Array, timesteps: Array, encoder_hidden_states: Optional[Array] = None) -> Array:
+        """The encoder half alone (``conv_in``, down blocks, mid block): its output (B, h, w, C),
+        the compressed features a latent discriminator reads (Flash Diffusion's adversarial loss).
+        Run with ``apply(..., method="encode")``; the up path's parameters are not touched."""
+        check_context(self.arch, encoder_hidden_states)
+        x = sample.astype(self.dtype)
+        if self.arch.center_input_sample:
+            x = 2 * x - 1.0
+        context = None if encoder_hidden_states is None else encoder_hidden_states.astype(self.dtype)
+        h, _ = run_encoder(self.conv_in(x), self.down_blocks, self.mid_block,
+                           self.embed_time(timesteps, x.shape[0]), context)
+        return h.astype(jnp.float32)
+
     def __call__(
         self,
         sample: Array,
