@@ -378,6 +378,7 @@ def task_config(task: str, arg: str | None = None, recipes: dict[str, Preset] | 
       diffusion loss, sampled with DDIM / DPM-Solver++ up to 200 steps;
     * ``cm`` / ``gd`` — consistency / progressive distillation of that teacher (pass
       ``--config.model.conditional_teacher=<its workdir>/export``);
+    * ``flash`` / ``flash_lora`` — Flash Diffusion of that teacher, all weights / rank-8 LoRA;
     * ``minimal`` — tens of steps and a small eval (the end-to-end tests);
     * ``key=value`` — any config field (``train.lr=1e-5``), applied after the presets.
     """
