@@ -28,6 +28,7 @@ from codi_jax import console, diffusion, distributed, evaluate, sharding, throug
 from codi_jax.distill import (CMLossConfig, CoDiLossConfig, FlashLossConfig, ProgressiveLossConfig,
                               ema_update, make_cm_loss, make_codi_loss, make_flash_losses,
                               make_progressive_loss)
+from codi_jax.distill.flash import FlashLosses
 from codi_jax.export import export, load_exported
 from codi_jax.models import adapters, lora
 from codi_jax.models.discriminator import LatentDiscriminator
@@ -189,7 +190,7 @@ def evaluation_decay(decay: float, step: jax.Array) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def flash_losses(cfg: ml_collections.ConfigDict, student: Student, aux: dict):
+def flash_losses(cfg: ml_collections.ConfigDict, student: Student, aux: dict) -> FlashLosses:
     """Flash Diffusion's generator and discriminator losses (``distill/flash.py``): the student
     against the frozen conditional teacher ``aux["teacher"]``, whose UNet encoder feeds the
     discriminator head (the latent only: the condition is enforced by the distillation term)."""

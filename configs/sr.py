@@ -10,46 +10,25 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   ``python -m codi_jax.main --config=configs/sr.py --workdir=runs/sr`` writes checkpoints,
   TensorBoard events, ``train_log.jsonl`` (μ's trajectory included), ``eval.json`` (the held-out
   pictures), ``eval_procedural.json``, ``eval_online.json``, the sample grids and ``export/``.
-  Rerun on an otherwise idle 2-core CPU (this commit, ``docs/sr_default/``): 703 s wall, i.e.
-  11.7 minutes with compiles and the three evaluations, not yet the 10 asked for; on its 64
-  evaluation crops (16 of each held-out picture) 1 step 21.62 raw, 23.75 colour-fixed, 4 steps
-  19.48 raw, 23.15 colour-fixed (gradient energy 0.34 ×10³ against 0.22), bicubic 23.66; the
-  same as the shipped model below within 0.1 dB.
-  The same recipe trained 2000 steps (``--config.train.num_steps=2000``, about 27 minutes on one
-  core) is the shipped ``embedded:demo_codi_sr`` since this commit: 1 step 21.96 raw / 23.49
-  colour-fixed, 4 steps 20.15 / 23.07 (gradient energy 0.30 ×10³), flat from step 1500; the
-  numbers and curve are in its README and ``docs/demo_codi_sr/``. The previous shipped model was
-  this command's (400 steps, commit 31f4030). On all 128 crops of the four held-out pictures, evaluated with
-  ``--config.eval.num_examples=128`` (PSNR dB / SSIM / gradient energy ×10³, the original's
-  2.83). The evaluation used to read only the first 64 crops, which were chelsea and coffee;
-  the crops are now interleaved by picture, so the default 64 cover all four:
-
-  | | 1 step | 2 | 4 | 8 |
-  |---|---|---|---|---|
-  | ``codi`` (raw) | 21.54 / 0.546 / 0.14 | 21.10 | 19.36 / 0.323 / 0.73 | 17.68 / 0.215 / 1.69 |
-  | ``codi+colorfix`` | 23.47 / 0.578 / 0.17 | 23.37 | 22.92 / 0.492 / 0.35 | 22.10 / 0.392 / 0.73 |
-  | bicubic | 23.38 / 0.575 / 0.20 | | | |
-
-  With the wavelet colour fix of diffusion SR pipelines (``codi_jax/color_fix.py``: low
-  frequencies from the bicubic input, the model's own high frequencies), the model beats bicubic
-  at 1 step (+0.09 dB) and at 4 steps is sharper than bicubic and 0.46 dB below it. Raw, it is
-  1.8 dB below bicubic at 1 step, and nearly all of that is low-frequency colour: the autoencoder
-  shifts the colours of pictures unlike its training set (decoding the condition's own latent
-  gives 22.34 dB; per picture in the mini_sd README), and the 1-step output leans toward the
-  training pictures' colours. Nor is CoDi's consistency term the limit: plain regression at t = T
-  through the same adapted model (``--config.distill.grid=1``, 400 steps) reaches 21.76 dB raw.
-  Training on natural pictures mostly (``--config.data.embedded.procedural_train=96``) gives
-  21.63 / 19.63 raw at 1 / 4 steps, and random RGB permutations of the training crops
-  (``--config.data.augment.channel_permute=True``, against the pull toward the training colours)
-  21.53 / 19.31: neither moves the raw colour error at this budget. On the held-out procedural pictures: 1 step 16.21 raw, 17.19
-  colour-fixed (4 steps 17.00), bicubic 17.19.
-  Earlier measurements (first 64 crops: chelsea and coffee; bicubic 22.75): a time-dependent gate
-  (``--config.model.mu_knots=5``: μ(t) piecewise linear on 5 knots, ``docs/sr_mu_knots/``) learns
-  the shape one would expect (μ = 0.02, 0.10, 0.20, 0.24, 0.25 at t = 0, ¼, ½, ¾, 1) but not a
-  larger gate at t = 1, and scores the same within one seed's noise as the constant gate (1 step
-  20.96 against 20.86, 4 steps 19.06 against 19.18); it stays an option, the default is the
-  paper's constant μ. Nor is the learning rate the limit: ``--config.train.lr=5e-4``
-  (``docs/sr_lr5e-4/``) gives 1 step 20.86, 4 steps 19.39 (μ 0.23).
+  Measured (``docs/sr_default/``, ``time.txt``): **6 min 39 s** wall on a 2-core CPU, compiles and
+  the three evaluations included. On its 64 evaluation crops (16 of each held-out picture;
+  bicubic 23.66 dB / SSIM 0.564), PSNR dB raw / colour-fixed: 1 step 22.24 / **23.81**, 2 steps
+  21.39 / 23.62, 4 steps 19.43 / 23.07 (gradient energy above bicubic's at 2 steps and more).
+  So at 400 steps the model beats bicubic at 1 step only with the wavelet colour fix (+0.15 dB);
+  raw it is 1.4 dB below. The same recipe needs about 2000 steps (about 20 minutes) to come within
+  0.2 dB of bicubic raw, see the next paragraph: the 10-minute default cannot get there.
+  The same recipe trained 2000 steps (``--config.train.num_steps=2000 --config.eval.every=500
+  --config.eval.num_examples=128``, about 19 minutes plus evaluations) is the shipped
+  ``embedded:demo_codi_sr``: on all 128 crops (bicubic 23.38 / SSIM 0.575) 1 step 23.20 raw
+  (SSIM 0.592) / 23.49 colour-fixed, 4 steps 20.71 / 23.07 and sharper than bicubic; the curve
+  and per-step numbers are in its README and ``docs/demo_codi_sr/``. With the wavelet colour fix
+  of diffusion SR pipelines (``codi_jax/color_fix.py``: low frequencies from the bicubic input,
+  the model's own high frequencies) the evaluation reports both. Before the groups-4 autoencoder
+  (commit ``db677fe`` and earlier) the same runs were 1.4-1.8 dB below bicubic raw at 1 step: the
+  old autoencoder shifted the colours of unseen pictures (its probes are in the mini_sd README);
+  the measurements of that period (``--config.model.mu_knots=5``, ``--config.train.lr=5e-4``,
+  ``--config.distill.grid=1``, ``procedural_train``, ``channel_permute``; none moved the raw
+  gap) are in ``docs/sr_mu_knots/``, ``docs/sr_lr5e-4/`` and ``docs/sr_probes/``.
 * ``minimal`` — the same with 30 steps and a small eval at 1 and 4 steps (the end-to-end test;
   about 5 minutes on an idle 2-core CPU, nearly all of it XLA compiling the train step and the two
   samplers).

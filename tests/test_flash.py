@@ -12,7 +12,7 @@ import pytest
 
 from codi_jax import diffusion
 from codi_jax.distill import FlashLossConfig, make_flash_losses
-from codi_jax.distill.flash import dmd_surrogate, phase_betas, teacher_solution, timestep_pmf
+from codi_jax.distill.flash import dmd_surrogate, guided_denoiser, phase_betas, teacher_solution, timestep_pmf
 from codi_jax.models.discriminator import LatentDiscriminator
 from tests.test_toy_learning import MEANS, PRED, SCHED, init_teacher, sample_data, teacher_forward, train
 
@@ -206,3 +206,45 @@ def test_flash_samples_are_closer_to_the_teacher_than_its_own_few_step_ddim():
     print("energy distance to the teacher's 50-step samples (flash, teacher DDIM):", scores)
     for n, (flash, ddim) in scores.items():
         assert flash < 0.5 * ddim, (n, scores)
+
+
+def test_guided_teacher_target_moves_samples_toward_the_labelled_component():
+    """Flash's teacher with classifier-free guidance (w ~ U[w_min, w_max], x̂^w = (1 + w) x̂_c − w x̂_∅):
+    on the 2-D mixture, a conditional teacher trained with label dropout moves its targets further
+    out along the labelled component's direction at w = 3 than at w = 0 (guidance extrapolates away
+    from the unconditional mixture, centred at 0); swapped branches would pull them inward."""
+    from tests.test_toy_learning import dense_init, time_features
+
+    def init(rng, width=128):
+        k = jax.random.split(rng, 3)
+        return {"l1": dense_init(k[0], 2 + 16 + 4, width), "l2": dense_init(k[1], width, width),
+                "out": dense_init(k[2], width, 2)}
+
+    def forward(p, z, model_time, cond, context=None):
+        h = jax.nn.silu(jnp.concatenate([z, time_features(model_time), cond], -1) @ p["l1"]["w"] + p["l1"]["b"])
+        h = jax.nn.silu(h @ p["l2"]["w"] + p["l2"]["b"])
+        return h @ p["out"]["w"] + p["out"]["b"]
+
+    base = diffusion.make_diffusion_loss(forward, SCHED, PRED)
+
+    def loss(p, batch, key):   # label dropout: a fifth of the examples see the zero condition
+        k_drop, k_loss = jax.random.split(key)
+        keep = jax.random.bernoulli(k_drop, 0.8, (batch["x"].shape[0], 1))
+        return base(p, {"x": batch["x"], "cond": batch["cond"] * keep}, k_loss)
+
+    teacher, _ = jax.jit(lambda p, k: train(loss, p, 3000, 2e-3, k))(init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+
+    label = jnp.arange(512) % 4
+    cond = jax.nn.one_hot(label, 4)
+    z = jax.random.normal(jax.random.PRNGKey(2), (512, 2))
+    t = jnp.ones((512,))
+    projection = {}
+    for w in (0.0, 3.0):
+        denoise = guided_denoiser(lambda zz, mt, c, ctx: forward(teacher, zz, mt, c), SCHED, PRED, cond, None,
+                                  jnp.full((512,), w), lambda c, ctx: (jnp.zeros_like(c), ctx))
+        target = teacher_solution(denoise, z, t, SCHED, FlashLossConfig(teacher_steps=8))
+        # The targets' coordinate along their label's mean (1 at the component's centre).
+        projection[w] = float(jnp.mean(jnp.sum(target * MEANS[label], -1) / 2.0))
+    print("projection on the labelled component's mean at w = 0, 3:", projection)
+    assert abs(projection[0.0] - 1.0) < 0.1       # unguided: on the component
+    assert projection[3.0] > projection[0.0] + 0.05   # guided: further out, away from the others

@@ -147,6 +147,30 @@ def sample_timesteps(rng: Array, batch_size: int, cfg: FlashLossConfig, progress
 # ------------------------------------------------------------------ the teacher target (eq. 2)
 
 
+def guided_denoiser(teacher_fn: ConditionalTeacherFn, schedule: Schedule, prediction_type: str,
+                    cond: Any, context: Any, w: Array | None = None,
+                    uncond_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None
+                    ) -> Callable[[Array, Array], tuple[Array, Array]]:
+    """``denoise(z, t) -> (x̂, ε̂)`` of the frozen conditional teacher; with a per-example guidance
+    weight ``w``, classifier-free guided: x̂^w = (1 + w) x̂(c) − w x̂(∅), the dropped condition from
+    ``uncond_fn(cond, context)``, and ε̂ consistent with x̂^w (two teacher evaluations per call)."""
+
+    def denoise(z: Array, t: Array) -> tuple[Array, Array]:
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+
+        def x_hat(c, ctx):
+            pred = teacher_fn(z, schedule.model_time(t), c, ctx).astype(jnp.float32)
+            return to_x_eps(pred, z, alpha, sigma, prediction_type)[0]
+
+        x = x_hat(cond, context)
+        if w is not None:
+            x = guided_prediction(x, x_hat(*uncond_fn(cond, context)), w)
+        return x, (z - broadcast_to(alpha, z) * x) / broadcast_to(sigma, z)
+
+    return denoise
+
+
 def teacher_solution(denoise: Callable[[Array, Array], tuple[Array, Array]], z_t: Array, t: Array,
                      schedule: Schedule, cfg: FlashLossConfig) -> Array:
     """z̃₀: ``cfg.teacher_steps`` steps of the teacher's ODE solver from each example's own t to 0
@@ -221,16 +245,8 @@ def make_flash_losses(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, featu
         return to_x_eps(pred.astype(jnp.float32), z, schedule.alpha(t), schedule.sigma(t), prediction_type)
 
     def teacher_denoiser(cond, context, w):
-        def denoise(z, t):
-            t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-            x_c, _ = x_of(teacher_fn(z, schedule.model_time(t), cond, context), z, t)
-            if cfg.guided:
-                c_u, ctx_u = uncond_fn(cond, context)
-                x_u, _ = x_of(teacher_fn(z, schedule.model_time(t), c_u, ctx_u), z, t)
-                x_c = guided_prediction(x_c, x_u, w)
-            eps = (z - broadcast_to(schedule.alpha(t), z) * x_c) / broadcast_to(schedule.sigma(t), z)
-            return x_c, eps
-        return denoise
+        return guided_denoiser(teacher_fn, schedule, prediction_type, cond, context,
+                               w if cfg.guided else None, uncond_fn)
 
     def student_sample(params, x, cond, context, rng, progress):
         """(t, z_t, x̂ with gradient, the keys left for the re-noising)."""
