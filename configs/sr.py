@@ -35,19 +35,15 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
 * ``pe`` — the embedded setup with PE-CoDi (ControlNet adapter, UNet frozen).
 * ``finetune`` — the baselines' conditional teacher: the same adapted model trained with the
   standard diffusion loss, evaluated (its evaluation EMA, like every objective) with DDIM and
-  DPM-Solver++ at 1-200 steps. Measured (``--config.train.num_steps=1500 --config.eval.every=250``,
-  stopped at 1208 steps; ``docs/sr_finetune/``), DDIM on the 64 held-out natural crops, PSNR dB
-  at 1 / 4 steps: step 250 20.67 / 19.26, 500 21.06 / 19.67, 750 21.42 / 19.89, 1000 21.42 /
-  20.06; bicubic 22.75. So the conditional teacher flattens 1.3 dB below bicubic at this size
-  and budget (μ ≈ 0.145 from step 100 on), and does not meet the posterior-mean bar either: the
-  gap is the adapted architecture's and the budget's, not CoDi's loss. For scale: decoding the
-  VAE latent of the bicubic input itself (x̂ = the condition's latent) gives 22.40 dB. Those
-  were the first 64 crops (chelsea and coffee); its step-1208 checkpoint on all 128 crops of the
-  four pictures, DDIM 1 / 4 steps: raw 21.87 / 20.48, colour-fixed (``ddim+colorfix``) 23.45 /
-  23.22 with gradient energy 0.17 / 0.24 ×10³; bicubic 23.38 / 0.20 (procedural, 1 step: 16.36
-  raw, 17.20 colour-fixed, bicubic 17.19). So with the colour fix the conditional teacher's
-  1-step posterior-mean estimate is 0.07 dB above bicubic, and CoDi's 400-step student (23.47) is
-  level with it.
+  DPM-Solver++ at 1-200 steps. Measured on the current mini_sd (``--config.train.num_steps=1000
+  --config.eval.every=500 '--config.eval.steps=(1,4)'``, ``docs/sr_finetune_g4/``; μ 0.16), on
+  the 64 held-out crops (bicubic 23.66 dB / SSIM 0.564 / gradient energy 0.22 ×10³), DDIM at
+  1 / 4 steps: step 500 21.89 / 20.16 raw, 23.78 / 23.33 colour-fixed; step 1000 **22.59** /
+  20.68 raw (SSIM 0.566 / 0.395), **23.78** / 23.41 colour-fixed (gradient energy 0.17 / 0.26);
+  DPM-Solver++ 22.59 / 20.39 raw. So the conditional teacher's 1-step posterior-mean estimate
+  is 1.1 dB below bicubic raw and 0.12 dB above it colour-fixed at this budget, still rising
+  (+0.7 dB raw from step 500 to 1000): it does not yet meet the posterior-mean bar raw. On the
+  first autoencoder (``docs/sr_finetune/``, 1208 steps) it was 1.5 dB below on all 128 crops.
 * ``cm`` / ``gd`` — consistency distillation / progressive distillation (rounds 32 → 16 → 8 → 4
   steps) of that teacher: add ``--config.model.conditional_teacher=<finetune workdir>/export``.
   ``python -m codi_jax.experiments`` runs all of them with CoDi's ablations; see docs/results.md.
