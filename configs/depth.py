@@ -11,10 +11,15 @@ Presets compose (``--config=configs/depth.py:<preset>[,<preset>...][,key=value..
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/depth.py
   --workdir=runs/depth`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
-  Measured (400 steps on one core of a busy 2-core machine; ``docs/depth/``), PSNR dB / SSIM /
-  gradient energy ×10³ against the original picture: on the 32 held-out motorcycle crops 1 step
-  10.74 / 0.281 / 0.02, 4 steps 10.06 / 0.108 / 1.33 (the original's 4.38); on the 64 held-out
-  procedural pictures 1 step 13.21 / 0.222, 4 steps 11.63 / 0.098, SWD 0.152 → 0.064. This does
+  Measured on the current mini_sd (the groups-4 autoencoder and the teacher in its space; 400
+  steps, 7 min 40 s wall on a 2-core CPU shared with another run; ``docs/depth_g4/``), PSNR dB /
+  SSIM / gradient energy ×10³ against the original picture: on the 32 held-out motorcycle crops 1
+  step 11.16 / 0.283 / 0.01, 4 steps 10.38 / 0.105 / 1.29; on the 64 held-out procedural pictures
+  1 step 13.21 / 0.221, 4 steps 11.26 / 0.094, SWD 0.149 → 0.061; μ −0.004 at the end. Against
+  the trivial baseline below (11.09 / 13.35 dB) that is level: the new teacher changed nothing
+  here. On the first mini_sd (``docs/depth/``): 1 step 10.74 / 0.281 / 0.02, 4 steps 10.06 / 0.108
+  / 1.33 (the original's 4.38) on the motorcycle crops; procedural 1 step 13.21 / 0.222, 4 steps
+  11.63 / 0.098, SWD 0.152 → 0.064. This does
   not work yet: μ never opens (it stays within ±0.05 of 0, −0.02 at the end), so the model
   ignores the depth map (the 1-step output is the flat mean colour, more steps add the prior's
   texture with no depth layout). The depth map reaches the condition encoder as the VAE latent of

@@ -47,6 +47,22 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
 * ``cm`` / ``gd`` — consistency distillation / progressive distillation (rounds 32 → 16 → 8 → 4
   steps) of that teacher: add ``--config.model.conditional_teacher=<finetune workdir>/export``.
   ``python -m codi_jax.experiments`` runs all of them with CoDi's ablations; see docs/results.md.
+* ``flash`` — Flash Diffusion (``codi_jax/distill/flash.py``) of that teacher, all weights
+  trained: ``python -m codi_jax.main --config=configs/sr.py:flash --workdir=runs/flash
+  --config.model.conditional_teacher=<finetune workdir>/export``. K = 32 grid times, the teacher's
+  4-step DDIM solution as target, λ_adv = λ_DMD = 0.1, 400 steps at batch 16, sampled with its
+  re-noising sampler at 1, 2, 4 steps. Measured from the 1000-step ``finetune`` export above
+  (``docs/sr_flash/``): 14 min 43 s wall on a 2-core CPU shared with another run (about 3.7 fwd+bwd
+  per step, ``benchmarks/flash_step.py``); on the 64 held-out crops, PSNR dB raw / colour-fixed
+  (gradient energy ×10³ raw; bicubic 23.66 / 0.22, the original 2.83): step 200 1 step 22.08 /
+  23.80, 4 steps 19.76 / 23.08; step 400 1 step 21.40 / 23.67 (0.22), 2 steps 19.97 / 23.13
+  (0.72), 4 steps 19.36 / 22.87 (0.98). The 1-step output gets sharper and loses PSNR as π moves
+  its mass to t = 1, whose target is the teacher's 4-step sample (itself 20.68 raw, 0.46 ×10³).
+  At the same 400 steps CoDi (the default above, from the unconditional teacher) scores 22.24 /
+  19.43 raw at 1 / 4 steps. The discriminator stays near balance (D ≈ 0.5 on real and fake).
+  One seed, one budget: a comparison, not a verdict (that is the reproduction's job).
+* ``flash_lora`` — the same with the student frozen and rank-8 LoRA factors trained
+  (``model.lora_rank``), the paper's setting; not measured on the embedded setup yet.
 * ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 (diffusers layout; ``--config.model.pretrained``
   takes a hub id or a local folder), full CoDi; ``sd15,pe`` / ``sd21,pe`` for PE-CoDi. Data: ``--config.data.source=tfds:<name>`` or
   ``folder:<path>``. The recipe is ``configs/stable_diffusion.py`` (paper §5 and the public CoDi
