@@ -10,7 +10,13 @@ Presets compose (``--config=configs/inpaint.py:<preset>[,<preset>...][,key=value
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/inpaint.py
   --workdir=runs/inpaint`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
-  Measured (400 steps, 18 minutes on one core of a busy 2-core machine; ``docs/inpaint/``), PSNR
+  Measured on the current mini_sd (400 steps, 7 min 56 s wall on a 2-core CPU shared with
+  another run; ``docs/inpaint_g4/``; μ 0.10), PSNR dB / SSIM on the 64 held-out crops (all four
+  pictures): 1 step 19.87 / 0.546, 2 steps 18.83 / 0.410, 4 steps 17.19 / 0.260, 8 steps 15.99 /
+  0.192; the masked input 19.84 / 0.715. Procedural: 1 step 15.65, masked input 18.92. So 1 step
+  is level with the masked input in PSNR (+0.03 dB) and still far below it in SSIM: as before,
+  the model redraws the whole crop blurrily instead of keeping the unmasked pixels.
+  On the first mini_sd (400 steps, 18 minutes on one core of a busy 2-core machine; ``docs/inpaint/``), PSNR
   dB / SSIM on the first 64 crops of the held-out pictures (then chelsea and coffee only; the
   crops are now interleaved so that 64 cover all four): 1 step 19.11 / 0.429, 2 steps 18.37 /
   0.376, 4 steps 17.03 / 0.260, 8 steps 15.62 / 0.175; the trivial baseline, the masked input with
