@@ -10,7 +10,7 @@ Presets compose (``--config=configs/edit.py:<preset>[,<preset>...][,key=value...
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/edit.py
   --workdir=runs/edit`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
-  Measured on the current mini_sd (400 steps, 6 min 54 s wall on an idle 2-core CPU;
+  Measured on the current mini_sd (400 steps, 6 min 54 s wall on a 2-core CPU;
   ``docs/edit_g4/``), PSNR dB / SSIM against the edited picture on 64 crops of the four held-out
   pictures: 1 step 14.63 / 0.476, 4 steps 12.38 / 0.177; the trivial baseline, the unedited
   input, 19.60 / 0.613 (procedural: 1 step 13.18, input 15.83; μ 0.04). On the first mini_sd
