@@ -280,10 +280,10 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
             z_tiles = np.stack([z[starts[i][0]:starts[i][0] + lt, starts[i][1]:starts[i][1] + lt] for i in idx])
             x_hats.extend(np.asarray(denoise(p.params, c, context, z_tiles, np.float32(t)))[:n])
         x_hat = blend_tiles(x_hats, starts, (lh, lw), lo)
-        alpha_t, sigma_t = float(schedule.alpha(t)), float(schedule.sigma(t))
-        eps_hat = (z - alpha_t * x_hat) / sigma_t
         if p.sampler == "flash":   # re-noised with fresh noise, drawn for the whole picture
             eps_hat = initial_noise(seed + 1 + k, z.shape)
+        else:
+            eps_hat = (z - float(schedule.alpha(t)) * x_hat) / float(schedule.sigma(t))
         z = np.asarray(diffusion.ddim_update(x_hat, eps_hat, float(schedule.alpha(s)), float(schedule.sigma(s))))
     if p.student.teacher.latent:
         decode = p.decode_fn()

@@ -609,13 +609,21 @@ class UNet2DConditionModel(nn.Module):
         the compressed features a latent discriminator reads (Flash Diffusion's adversarial loss).
         Run with ``apply(..., method="encode")``; the up path's parameters are not touched."""
         check_context(self.arch, encoder_hidden_states)
+        h, _, _, _ = self._encoder(sample, timesteps, encoder_hidden_states)
+        return h.astype(jnp.float32)
+
+    def _encoder(self, sample: Array, timesteps: Array, encoder_hidden_states: Optional[Array],
+                 features: Optional[Sequence[Array]] = None, mix: Optional[Array] = None,
+                 deterministic: bool = True) -> tuple[Array, list[Array], Array, Optional[Array]]:
+        """The shared first half of ``__call__`` and ``encode``: (mid output, skips, temb, context)."""
         x = sample.astype(self.dtype)
         if self.arch.center_input_sample:
             x = 2 * x - 1.0
         context = None if encoder_hidden_states is None else encoder_hidden_states.astype(self.dtype)
-        h, _ = run_encoder(self.conv_in(x), self.down_blocks, self.mid_block,
-                           self.embed_time(timesteps, x.shape[0]), context)
-        return h.astype(jnp.float32)
+        temb = self.embed_time(timesteps, x.shape[0])
+        h, skips = run_encoder(self.conv_in(x), self.down_blocks, self.mid_block, temb, context,
+                               features, mix, deterministic)
+        return h, skips, temb, context
 
     def __call__(
         self,
@@ -646,13 +654,8 @@ class UNet2DConditionModel(nn.Module):
             mix = jnp.asarray(encoder_mix, jnp.float32)
             # Indexed by feature: (features,), or (features, B) for a per-example μ(t).
             mix = mix.T if mix.ndim == 2 else jnp.broadcast_to(mix, (len(encoder_features),))
-        x = sample.astype(self.dtype)
-        if arch.center_input_sample:
-            x = 2 * x - 1.0
-        context = None if encoder_hidden_states is None else encoder_hidden_states.astype(self.dtype)
-        temb = self.embed_time(timesteps, x.shape[0])
-        h, skips = run_encoder(self.conv_in(x), self.down_blocks, self.mid_block, temb, context,
-                               encoder_features, mix, deterministic)
+        h, skips, temb, context = self._encoder(sample, timesteps, encoder_hidden_states,
+                                                encoder_features, mix, deterministic)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(
