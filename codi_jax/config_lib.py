@@ -129,6 +129,11 @@ def model_config() -> ml_collections.ConfigDict:
     m.lora_rank = 0
     m.lora_convs = False
     m.lora_modules = ("unet", "adapter")
+    # Guidance-aware distillation (preset ``guided``): the student reads the guidance weight w
+    # (diffusion/guidance.py), trained on CFG targets at w ~ U[distill | flash.guidance_min, _max];
+    # ``guidance`` is the w it is evaluated and exported to sample with (diffusers' scale 1 + w).
+    m.guidance_input = False
+    m.guidance = 0.0
     return m
 
 
@@ -283,6 +288,17 @@ def _flash_lora(c: ml_collections.ConfigDict) -> None:
     c.model.lora_rank = 8
 
 
+def _guided(c: ml_collections.ConfigDict) -> None:
+    """Guidance-aware CoDi / Flash: CFG targets at w ~ U[0, 8] (diffusers' scale 1-9, the range SD
+    is used in), the student reads w and samples at w = 6.5 (diffusers' default scale 7.5) in one
+    evaluation per step. For teachers whose condition can be dropped: a text prompt (CoDi's
+    unconditional branch is the frozen pretrained teacher with the empty prompt)."""
+    c.model.guidance_input = True
+    c.model.guidance = 6.5
+    for section in (c.distill, c.flash):
+        section.guidance_min, section.guidance_max = 0.0, 8.0
+
+
 def _gd(c: ml_collections.ConfigDict) -> None:
     c.objective = "gd"
     # The deterministic (DDIM) and the stochastic N-step sampler of Meng et al. §3.3.
@@ -300,6 +316,7 @@ PRESETS: dict[str, Preset] = {
     "gd": _gd,
     "flash": _flash,
     "flash_lora": _flash_lora,
+    "guided": _guided,
     "minimal": make_minimal,
 }
 # Presets that set the same thing: at most one of each group (and at most one model recipe).

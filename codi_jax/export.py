@@ -63,6 +63,10 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
             # ascontiguousarray turns μ's 0-d array into shape (1,): keep the original shape.
             save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in flat.items()},
                       os.path.join(tmp, "cond_encoder", "model.safetensors"))
+        if student.guidance_input:   # the w embedding of a guidance-aware model (diffusion/guidance.py)
+            os.makedirs(os.path.join(tmp, "guidance"))
+            save_file({"kernel": np.ascontiguousarray(params["w_embed"]["kernel"])},
+                      os.path.join(tmp, "guidance", "w_embed.safetensors"))
         if teacher.latent and not os.path.exists(os.path.join(tmp, "vae")):
             # A teacher trained from scratch in a separately trained VAE's space (no pipeline root).
             models.save(teacher.vae, jax.device_get(teacher.vae_params), os.path.join(tmp, "vae"), "vae")
@@ -87,6 +91,7 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
                        "prediction_type": teacher.prediction_type, "grid": sampling_grid(cfg),
                        "sampler": "flash" if cfg.objective == "flash" else "codi",
                        "text_layer": student.text_layer, "prompt": student.prompt,
+                       "guidance_input": student.guidance_input, "guidance": student.guidance,
                        # What `codi_jax.predict` needs to build conditions as the training did.
                        "task": task, "image_size": cfg.data.image_size,
                        "task_options": cfg.data[task].to_dict() if task in TASK_OPTIONS else {}},
@@ -147,6 +152,14 @@ def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool 
             "steps instead of DDIM's deterministic step (diffusers' `LCMScheduler` steps this way; "
             "parity with it is not tested). `codi.json` says `\"sampler\": \"flash\"`, which "
             "`codi_jax.predict` follows."]
+    if student.guidance_input:
+        lines[-1:-1] = [
+            "", f"Guidance-aware: distilled from classifier-free-guided targets, it reads the guidance "
+            f"weight w itself (one evaluation per step) and samples at w = {student.guidance:g} "
+            f"(diffusers' scale {1 + student.guidance:g}); `guidance/w_embed.safetensors` maps w's "
+            "sinusoidal features onto the condition's channels (`codi_jax/diffusion/guidance.py`). "
+            "`codi_jax.torch` does not implement that input: run it with `codi_jax.predict` "
+            "(`--guidance` picks another w)."]
     if has_lora:
         lines += [
             f"`lora/pytorch_lora_weights.safetensors`: the UNet's rank-{cfg.model.lora_rank} LoRA alone "
@@ -223,6 +236,8 @@ def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dic
     m.prediction_type = meta["prediction_type"]
     m.text_layer = meta.get("text_layer", "last")
     m.prompt = meta.get("prompt", "")
+    m.guidance_input = meta.get("guidance_input", False)
+    m.guidance = meta.get("guidance", 0.0)
     for k, v in model_overrides.items():
         setattr(m, k, v)
     teacher = load_teacher(m, jax.random.PRNGKey(0))
@@ -244,4 +259,12 @@ def load_exported(path: str, **model_overrides: Any) -> tuple[Student, dict, dic
         # float32 master weights, as models.load gives the other components (files may be float16).
         params["adapter"] = traverse_util.unflatten_dict(
             {k: jnp.asarray(v, want[k].dtype) for k, v in flat.items()}, sep="/")
+    if student.guidance_input:
+        from safetensors.numpy import load_file
+
+        kernel = load_file(os.path.join(path, "guidance", "w_embed.safetensors"))["kernel"]
+        if kernel.ndim != 2 or kernel.shape[1] != config["cond_channels"]:
+            raise ValueError(f"{path}/guidance/w_embed.safetensors: kernel of shape {kernel.shape}, "
+                             f"expected (features, {config['cond_channels']}) (the condition's channels)")
+        params["w_embed"] = {"kernel": jnp.asarray(kernel, jnp.float32)}
     return student, params, student.aux_params(), int(meta["grid"])

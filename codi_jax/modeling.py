@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from codi_jax import diffusion, models
+from codi_jax.diffusion import guidance
 from codi_jax.config_lib import embedded_path
 from codi_jax.models import adapters, lora
 from codi_jax.models.unet import UNet2DConditionModel, UNetArch, has_cross_attention
@@ -145,8 +146,23 @@ class Student:
     teacher: Teacher
     text_layer: str = "last"
     prompt: str = ""  # text-to-image teachers: the prompt of every example without its own text
+    # Guidance-aware (distilled with CFG targets): the model reads the guidance weight w through
+    # ``params["w_embed"]`` (diffusion/guidance.py); ``guidance`` is the w it samples with when the
+    # condition carries none.
+    guidance_input: bool = False
+    guidance: float = 0.0
 
     def model_fn(self, params: Any, z: Array, model_time: Array, cond: Any, context: Any) -> Array:
+        """The model as every loss and sampler calls it; a guidance-aware one takes
+        ``cond = {"cond": c, "w": w}``, or a plain c, sampled at its own ``guidance``."""
+        if not self.guidance_input:
+            return self.conditional_fn(params, z, model_time, cond, context)
+        if not isinstance(cond, Mapping):
+            cond = guidance.with_w(cond, jnp.full(z.shape[:1], self.guidance, jnp.float32))
+        return guidance.w_conditioned(self.conditional_fn)(params, z, model_time, cond, context)
+
+    def conditional_fn(self, params: Any, z: Array, model_time: Array, cond: Any, context: Any) -> Array:
+        """The adapted model without the guidance input (the conditional teacher's function)."""
         # LoRA factors, if any, are folded into their kernels here (inside the differentiated
         # function, so their gradients flow through W + A·B).
         return self.module.apply({"params": lora.merge(params)}, z, model_time, cond, context)
@@ -227,7 +243,16 @@ def make_student(m: ml_collections.ConfigDict, teacher: Teacher, config: dict) -
     """The ``Student`` of the model config ``m`` for an adapted-model ``config`` (see
     ``adapted_config``)."""
     module = adapters.ConditionedUNet.from_config(config, jnp.dtype(m.dtype), **module_options(m))
-    return Student(module, config, teacher, text_layer=m.text_layer, prompt=m.prompt)
+    return Student(module, config, teacher, text_layer=m.text_layer, prompt=m.prompt,
+                   guidance_input=bool(m.guidance_input), guidance=float(m.guidance))
+
+
+def with_guidance_input(student: Student, params: dict, w: float) -> tuple[Student, dict]:
+    """``student`` made guidance-aware (sampling at ``w``), its params given the zero-initialised w
+    embedding: it computes what it did, for every w, until the embedding learns."""
+    if guidance.W_EMBED not in params:
+        params = guidance.init_w_conditioned(params, int(student.config["cond_channels"]))
+    return dataclasses.replace(student, guidance_input=True, guidance=float(w)), params
 
 
 def build_student(m: ml_collections.ConfigDict, teacher: Teacher, cond_channels: int,

@@ -154,7 +154,7 @@ class Predictor:
         return np.asarray(ids)
 
 
-def load_predictor(model: str) -> Predictor:
+def load_predictor(model: str, guidance: float | None = None) -> Predictor:
     """The export folder or ``embedded:<name>`` model ``model``, with its ``codi.json`` task."""
     path = embedded_path(model.split(":", 1)[1]) if model.startswith("embedded:") else model
     meta_path = os.path.join(path, "codi.json")
@@ -166,6 +166,11 @@ def load_predictor(model: str) -> Predictor:
         raise ValueError(f"--model: {meta_path} names no task (exported before tasks were recorded); "
                          "export the checkpoint again with --mode=export")
     student, params, aux, grid = load_exported(path)
+    if guidance is not None:
+        if not student.guidance_input:
+            raise ValueError(f"--guidance: {model} is not guidance-aware (it was distilled without "
+                             "classifier-free guidance and has no w input)")
+        student = dataclasses.replace(student, guidance=float(guidance))
     params, aux = jax.device_put((params, aux))
     unet = student.config["unet"]
     levels = len(unet["block_out_channels"])
@@ -337,12 +342,13 @@ def _mask_for(mask: str, rel: str) -> Optional[str]:
 
 def run(model: str, input_path: str, output: str, steps: int = 4, seed: int = 0, prompt: str = "",
         tile: int = 0, overlap: int = -1, batch: int = 1, mask: str = "", color_fix: bool = True,
-        progress: bool = True) -> tuple[list[str], list[str]]:
+        progress: bool = True, guidance: float | None = None) -> tuple[list[str], list[str]]:
     """Predicts every input; returns (written files, skipped files' reasons). ``color_fix``: SR
-    outputs take their low frequencies from the bicubic input (``codi_jax/color_fix.py``)."""
+    outputs take their low frequencies from the bicubic input (``codi_jax/color_fix.py``).
+    ``guidance``: the w a guidance-aware model samples with (``None``: the one it was exported with)."""
     if os.path.abspath(output) == os.path.abspath(input_path):
         raise ValueError("--output: must differ from --input (inputs are never overwritten)")
-    p = load_predictor(model)
+    p = load_predictor(model, guidance)
     if mask and p.task != "inpaint":
         raise ValueError(f"--mask: the model's task is {p.task!r}, not inpainting")
     if p.task == "inpaint" and not mask:
@@ -397,6 +403,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch", 1, "Tiles per model call.")
     flags.DEFINE_bool("color_fix", True, "Super-resolution: low frequencies (colour) from the bicubic input, "
                       "the model's own detail (the wavelet colour fix the evaluation reports as +colorfix).")
+    flags.DEFINE_float("guidance", None, "Guidance-aware models: the guidance weight w (diffusers' scale "
+                       "1 + w); default: the one the model was exported with.")
     flags.DEFINE_string("mask", "", "Inpainting: a mask file, or a folder of masks named as the inputs (white = fill).")
 
 
@@ -408,7 +416,8 @@ def main(argv: list[str]) -> None:
             sys.exit(f"predict: --{name} is required")
     try:
         written, skipped = run(FLAGS.model, FLAGS.input, FLAGS.output, FLAGS.steps, FLAGS.seed, FLAGS.prompt,
-                               FLAGS.tile, FLAGS.overlap, FLAGS.batch, FLAGS.mask, FLAGS.color_fix)
+                               FLAGS.tile, FLAGS.overlap, FLAGS.batch, FLAGS.mask, FLAGS.color_fix,
+                               guidance=FLAGS.guidance)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"predict: {err}")
     print(f"predict: wrote {len(written)} picture(s) to {FLAGS.output}")

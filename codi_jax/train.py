@@ -32,7 +32,7 @@ from codi_jax.distill.flash import FlashLosses
 from codi_jax.export import export, load_exported
 from codi_jax.models import adapters, lora
 from codi_jax.models.discriminator import LatentDiscriminator
-from codi_jax.modeling import Student, build_student, load_teacher
+from codi_jax.modeling import Student, build_student, load_teacher, with_guidance_input
 from codi_jax.sampling import JittedSamplers
 
 OBJECTIVES = ("codi", "diffusion", "cm", "gd", "flash")
@@ -133,16 +133,47 @@ def make_loss(cfg: ml_collections.ConfigDict, student: Student, student_steps: i
     if cfg.objective != "codi":
         raise ValueError(f"objective: unknown value {cfg.objective!r}; known: {list(OBJECTIVES)}")
     loss_cfg = CoDiLossConfig.from_mapping(cfg.distill.to_dict())
+    _check_guidance(cfg, student, loss_cfg.guided)
 
     def loss(params, target, aux, batch, rng):
+        teacher_fn = student.teacher_fn(aux["teacher"]) if "teacher" in aux else None
+        uncond_fn = None
+        if loss_cfg.guided:   # the unconditional branch: the frozen teacher, the prompt dropped
+            empty = empty_prompt_context(student, aux)
+            uncond_fn = lambda z, model_time, context: teacher_fn(z, model_time, empty(context))
         codi = make_codi_loss(
-            student.model_fn, schedule, prediction_type, loss_cfg,
-            teacher_fn=student.teacher_fn(aux["teacher"]) if "teacher" in aux else None,
+            student.model_fn, schedule, prediction_type, loss_cfg, teacher_fn=teacher_fn,
             decode_fn=functools.partial(student.decode, aux) if teacher.latent else (lambda x: x),
-            perceptual_fn=_perceptual_fn(cfg, loss_cfg))
+            perceptual_fn=_perceptual_fn(cfg, loss_cfg), uncond_fn=uncond_fn)
         return codi(params, target, batch, rng)
 
     return loss
+
+
+def _check_guidance(cfg: ml_collections.ConfigDict, student: Student, guided: bool) -> None:
+    """A guided objective trains a guidance-aware student (and only then does w reach it)."""
+    if guided and not student.guidance_input:
+        section = "distill" if cfg.objective == "codi" else cfg.objective
+        raise ValueError(f"{section}.guidance_max > 0 distils classifier-free-guided targets into a "
+                         "student that reads w: set model.guidance_input=True (preset 'guided')")
+
+
+def empty_prompt_context(student: Student, aux: dict) -> Callable[[Any], Any]:
+    """``context → the empty prompt's context`` (same batch size): classifier-free guidance's
+    dropped condition for a teacher that reads text; ``None`` stays ``None`` (no text)."""
+    if student.teacher.tokenizer is None:
+        return lambda context: None
+    from codi_jax.models import clip
+
+    ids, _ = clip.tokenize(student.teacher.tokenizer, [""])
+    ids = jnp.asarray(ids)
+
+    def empty(context):
+        if context is None:
+            return None
+        return student.context(aux, jnp.broadcast_to(ids, (context.shape[0],) + ids.shape[1:]))
+
+    return empty
 
 
 def _perceptual_fn(cfg: ml_collections.ConfigDict, loss_cfg: CoDiLossConfig) -> Callable | None:
@@ -195,16 +226,24 @@ def flash_losses(cfg: ml_collections.ConfigDict, student: Student, aux: dict) ->
     against the frozen conditional teacher ``aux["teacher"]``, whose UNet encoder feeds the
     discriminator head (the latent only: the condition is enforced by the distillation term)."""
     flash_cfg = FlashLossConfig.from_mapping(cfg.flash.to_dict())
+    _check_guidance(cfg, student, flash_cfg.guided)
     teacher = student.teacher
     unet, head = student.module.unet, LatentDiscriminator()
+    uncond_fn = None
+    if flash_cfg.guided:
+        if teacher.tokenizer is None:
+            raise ValueError("flash.guidance_max > 0: the conditional teacher's classifier-free "
+                             "guidance drops the text prompt, and this teacher reads no text")
+        empty = empty_prompt_context(student, aux)
+        uncond_fn = lambda cond, context: (cond, empty(context))
 
     def features(z, model_time, context):
         return unet.apply({"params": aux["teacher"]["unet"]}, z, model_time, context, method="encode")
 
     return make_flash_losses(
-        student.model_fn, functools.partial(student.model_fn, aux["teacher"]), features,
+        student.model_fn, functools.partial(student.conditional_fn, aux["teacher"]), features,
         lambda params, f: head.apply({"params": params}, f), teacher.schedule,
-        teacher.prediction_type, flash_cfg)
+        teacher.prediction_type, flash_cfg, uncond_fn=uncond_fn)
 
 
 def discriminator_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -348,7 +387,7 @@ def checkpoint_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.Chec
 # state's structure, the objective, the model or the data order. Anything else (train.num_steps,
 # the learning rate, evaluation and logging settings) may change between a stop and a resume.
 RESUME_KEYS = ("seed", "objective", "model.pretrained", "model.unet_config", "model.vae",
-               "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots",
+               "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots", "model.guidance_input",
                "model.cond_input", "model.hint_channels", "model.prediction_type",
                "model.conditional_teacher", "model.vae_config", "model.lora_rank", "model.lora_convs",
                "model.lora_modules", "data.task", "data.source",
@@ -482,6 +521,11 @@ def build(cfg: ml_collections.ConfigDict) -> tuple[Student, dict]:
         k_teacher, k_adapter = jax.random.split(jax.random.PRNGKey(cfg.seed))
         teacher = load_teacher(cfg.model, k_teacher)
         student, params = build_student(cfg.model, teacher, cond_channels(cfg.data), k_adapter)
+    if cfg.model.guidance_input and cfg.objective not in ("codi", "flash"):
+        raise ValueError(f"model.guidance_input: objective {cfg.objective!r} has no guidance-aware "
+                         "mode (codi and flash do)")
+    if cfg.model.guidance_input:   # also makes a plain conditional teacher's student guidance-aware
+        student, params = with_guidance_input(student, params, cfg.model.guidance)
     if cfg.model.lora_rank:
         # A key of its own: the runs without LoRA keep their initialisation.
         k_lora = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x10_7A)
@@ -501,11 +545,14 @@ def parameter_groups(cfg: ml_collections.ConfigDict, student: Student, params: d
         mask = jax.tree.map(lambda m, t: bool(m and t), mask, lora.trainable_mask(params, new))
     trainable, frozen = partition(params, mask)
     aux = student.aux_params()
-    if cfg.objective == "codi" and cfg.distill.predictor == "teacher":
+    if cfg.objective == "codi" and (cfg.distill.predictor == "teacher" or cfg.distill.guidance_max > 0):
         # The teacher's UNet, frozen: the online one moves under "all" (or its LoRA factors do).
+        # The guidance-aware mode's unconditional branch is this teacher too.
         aux["teacher"] = lora.merge(params)["unet"]
     if cfg.objective in ("cm", "flash"):
-        aux["teacher"] = lora.merge(params)  # the whole conditional teacher, frozen; the student starts as it
+        # The whole conditional teacher, frozen; the student starts as it (a guidance-aware
+        # student's new w embedding is not the teacher's).
+        aux["teacher"] = {k: v for k, v in lora.merge(params).items() if k != "w_embed"}
     return trainable, frozen, aux
 
 

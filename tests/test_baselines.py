@@ -15,9 +15,9 @@ from codi_jax import diffusion
 from codi_jax.distill import codi
 from codi_jax.distill.consistency import CMLossConfig, consistency_function, make_cm_denoiser, \
     make_cm_loss
-from codi_jax.distill.progressive import ProgressiveLossConfig, init_w_conditioned, \
-    make_guided_stage_one_loss, make_progressive_loss, progressive_distillation, two_step_target, \
-    w_conditioned, with_guidance_weight
+from codi_jax.diffusion.guidance import init_w_conditioned, w_conditioned
+from codi_jax.distill.progressive import ProgressiveLossConfig, make_guided_stage_one_loss, \
+    make_progressive_loss, progressive_distillation, two_step_target, with_guidance_weight
 
 
 def _batch(n=8, cond=0.0):

@@ -10,6 +10,22 @@ One training example, read next to Algorithm 1 (t on the teacher grid, s = t −
 
 The online forward's x̂_t is reused (under stop-gradient) to build ẑ_s, so a step costs exactly
 two network evaluations (three with the ``teacher`` predictor ablation).
+
+Guidance-aware mode (``guidance_max > 0``; the paper calls guidance-aware distillation orthogonal
+and applicable, §2): per example w ~ U[w_min, w_max], the model reads w (a w-conditioned model,
+``diffusion/guidance.py``) and the CG target is classifier-free guided at that w against the
+unconditional model u (the frozen pretrained teacher with the empty prompt), with the data as the
+conditional branch:
+
+    L     = d_ε(ε̂_t(z_t, c, w), sg ε̂⁻_s(ẑ_s, c, w)) + λ d_x((1 + w) x − w sg x̂_u(z_t), x̂_t(w))
+
+Its expectation given z_t is the guided posterior mean (1 + w) E[x | z_t, c] − w x̂_u(z_t), so this
+is CoDi on "guided data": CG anchors each w's model as it anchors the conditional one, and the
+consistency term, at the same w on both sides, makes each few-step. Guiding the consistency target
+instead, (1 + w) ε̂⁻(ẑ_s, w = 0) − w ε̂_u(ẑ_s), diverges: the target model is the student itself, so
+its w = 0 branch drifts with the guided ones and each update extrapolates from the last (measured on
+the 2-D toy of tests/test_guidance.py: samples hundreds of times out within 2000 steps, even for
+w ≤ 1). At w = 0 the terms are CoDi's exactly. Three evaluations per step (one of them u's).
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from codi_jax.diffusion.guidance import guided_prediction, sample_w, with_w
 from codi_jax.diffusion.loss import DISTANCES, ModelFn, SNR_WEIGHTINGS, distance, snr_weight
 from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, \
     ddim_update, to_x_eps
@@ -62,6 +79,20 @@ class CoDiLossConfig(Switches):
     cg_distance: str = "latent_l2"        # paper default: ‖x − x̂‖² in the model's own space;
     # pixel_l2: ‖D(x) − D(x̂)‖²; image_l2: ‖picture − D(x̂)‖², against the picture itself rather
     # than its (lossy) latent, so the student can undo what the autoencoder gets wrong.
+    guidance_min: float = 0.0             # guidance-aware mode when guidance_max > 0: w ~ U[min, max]
+    guidance_max: float = 0.0             # (module docstring); 0, 0: off, the paper's objective
+
+    def check(self) -> None:
+        if not 0 <= self.guidance_min <= self.guidance_max:
+            raise ValueError(f"guidance_min/max: need 0 <= min <= max, got [{self.guidance_min}, "
+                             f"{self.guidance_max}]")
+        if self.guided and self.cg_distance == "image_l2" and self.cg_weight:
+            raise ValueError("cg_distance: 'image_l2' has no guided target (the pictures are the "
+                             "conditional data only); use latent_l2 or pixel_l2 with guidance")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_max > 0
 
 
 def ema_update(target_params: Any, online_params: Any, decay: float | Array) -> Any:
@@ -88,6 +119,7 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
                    teacher_fn: TeacherFn | None = None,
                    decode_fn: Callable[[Array], Array] | None = None,
                    perceptual_fn: Callable[[Array, Array], Array] | None = None,
+                   uncond_fn: TeacherFn | None = None,
                    ) -> Callable[[Any, Any, Mapping[str, Array], Array], tuple[Array, dict]]:
     """Returns ``loss(online_params, target_params, batch, rng) -> (loss, metrics)``.
 
@@ -96,7 +128,9 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
     ``x`` (clean latents or pixels, (B, ...)), ``cond`` and optionally ``context`` (text).
     ``teacher_fn`` is needed by the ``teacher`` predictor; ``decode_fn`` (latent → pixels) by the
     pixel-space CG distances (``image_l2`` also needs the pictures in ``batch["image"]``);
-    ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``.
+    ``perceptual_fn(images_a, images_b) -> (B,)`` by ``perceptual``. The guidance-aware mode needs
+    ``uncond_fn(z_t, model_time, context)``, the unconditional model's raw prediction, and a
+    w-conditioned ``model_fn``.
     """
     check_prediction_type(prediction_type)
     if cfg.predictor == "teacher" and teacher_fn is None:
@@ -105,6 +139,8 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         raise ValueError(f"cg_distance: {cfg.cg_distance!r} needs decode_fn (latents → pixels)")
     if cfg.cg_distance == "perceptual" and cfg.cg_weight and perceptual_fn is None:
         raise ValueError("cg_distance: 'perceptual' needs perceptual_fn (e.g. LPIPS)")
+    if cfg.guided and uncond_fn is None:
+        raise ValueError("guidance_max > 0 needs uncond_fn (the unconditional model of the guidance)")
 
     def to_pair(pred, z, t):
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
@@ -144,7 +180,12 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         eps = jax.random.normal(key_eps, x.shape, jnp.float32)
         z_t = diffuse(x, eps, schedule.alpha(t), schedule.sigma(t))
 
-        x_hat_t, eps_hat_t = denoise(online_params, z_t, t, cond, context)  # online, with grad
+        if cfg.guided:   # w from a key of its own: the other draws stay those of the plain objective
+            w = sample_w(jax.random.fold_in(rng, 1), x.shape[0], cfg.guidance_min, cfg.guidance_max)
+            model_cond = with_w(cond, w)
+        else:
+            model_cond = cond
+        x_hat_t, eps_hat_t = denoise(online_params, z_t, t, model_cond, context)  # online, with grad
 
         alpha_s, sigma_s = schedule.alpha(s), schedule.sigma(s)
         if cfg.predictor == "prev":      # eq. 12: the same ε that made z_t
@@ -160,7 +201,11 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         z_s = jax.lax.stop_gradient(z_s)
 
         x_hat_s, eps_hat_s = jax.lax.stop_gradient(
-            denoise(jax.lax.stop_gradient(target_params), z_s, s, cond, context))  # EMA target
+            denoise(jax.lax.stop_gradient(target_params), z_s, s, model_cond, context))  # EMA target
+        x_cg = x
+        if cfg.guided:   # CFG with the data as the conditional branch (module docstring)
+            x_u, _ = to_pair(uncond_fn(z_t, schedule.model_time(t), context), z_t, t)
+            x_cg = guided_prediction(x, jax.lax.stop_gradient(x_u), w)
 
         online, target = (eps_hat_t, eps_hat_s) if cfg.consistency_space == "eps" else (x_hat_t, x_hat_s)
         # At s = 0 the target sees clean data, where ε̂ is undefined (σ_s = 0) and x̂_s = ẑ_s =
@@ -173,10 +218,12 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         weight = (s > 0).astype(jnp.float32) * snr_weight(
             schedule.logsnr(t), cfg.consistency_space, cfg.snr_weighting, cfg.snr_gamma)
         consistency_loss = jnp.mean(weight * consistency)
-        cg_loss = jnp.mean(cg_term(x, x_hat_t, batch.get("image"))) if cfg.cg_weight else jnp.zeros(())
+        cg_loss = jnp.mean(cg_term(x_cg, x_hat_t, batch.get("image"))) if cfg.cg_weight else jnp.zeros(())
         total = consistency_loss + cfg.cg_weight * cg_loss
         metrics = {"loss": total, "consistency": consistency_loss, "cg": cg_loss,
                    "t": jnp.mean(t)}
+        if cfg.guided:
+            metrics["w"] = jnp.mean(w)
         return total, metrics
 
     return loss

@@ -23,7 +23,8 @@ moving toward t = 1 in ``phase_betas`` over ``phase_ends`` of training); the DMD
 space with DMD's normalisation 1/mean|x̂ − x̂_teacher| (Yin et al. 2023), t'' kept above ``dmd_t_min``
 where the score is defined; the discriminator reads the latent only (the condition is enforced by
 L_distil); guidance ω follows this codebase's w convention x̂^w = (1 + w) x̂_c − w x̂_∅ (diffusers'
-guidance scale is 1 + w).
+guidance scale is 1 + w), and a guided student takes w as an input (guidance-aware: one evaluation
+per step at sampling instead of two), the DMD "fake" score included.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from codi_jax.diffusion.loss import ModelFn, distance
+from codi_jax.diffusion.guidance import guided_prediction, sample_w, with_w
 from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, to_x_eps
 from codi_jax.diffusion.samplers import ddim_sample, dpm_solver_pp_2m
 from codi_jax.diffusion.schedule import Schedule
-from codi_jax.distill.progressive import guided_prediction
 from codi_jax.distill.switches import Switches
 
 Array = jnp.ndarray
@@ -236,7 +237,9 @@ def make_flash_losses(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, featu
     """The Flash losses of a student ``model_fn(params, z, model_time, cond, context)`` (raw
     predictions of ``prediction_type``) and the frozen ``teacher_fn``. ``batch`` holds ``x`` and
     optionally ``cond`` and ``context``; ``uncond_fn(cond, context)`` gives the teacher's dropped
-    condition, needed with guidance (``guidance_max > 0``)."""
+    condition, needed with guidance (``guidance_max > 0``). Guided, the student is guidance-aware:
+    ``model_fn`` is w-conditioned (``diffusion.guidance.w_conditioned``) and reads
+    ``{"cond": c, "w": w}`` with the w its targets were guided at."""
     check_prediction_type(prediction_type)
     if cfg.guided and uncond_fn is None:
         raise ValueError("guidance_max > 0 needs uncond_fn (the teacher's dropped condition)")
@@ -249,12 +252,16 @@ def make_flash_losses(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, featu
                                w if cfg.guided else None, uncond_fn)
 
     def student_sample(params, x, cond, context, rng, progress):
-        """(t, z_t, x̂ with gradient, the keys left for the re-noising)."""
+        """(t, z_t, x̂ with gradient, w, the student's condition, the keys left for the losses).
+        Guided, the student reads w (guidance-aware) and the targets are guided at the same w."""
         key_t, key_eps, key_rest = jax.random.split(rng, 3)
+        key_w, *keys = jax.random.split(key_rest, 4)
         t = sample_timesteps(key_t, x.shape[0], cfg, progress)
         z_t = renoise(x, t, key_eps, schedule)
-        x_hat, _ = x_of(model_fn(params, z_t, schedule.model_time(t), cond, context), z_t, t)
-        return t, z_t, x_hat, key_rest
+        w = sample_w(key_w, x.shape[0], cfg.guidance_min, cfg.guidance_max)
+        student_cond = with_w(cond, w) if cfg.guided else cond
+        x_hat, _ = x_of(model_fn(params, z_t, schedule.model_time(t), student_cond, context), z_t, t)
+        return t, z_t, x_hat, w, student_cond, keys
 
     def disc_scores(disc_params, x0, key, context):
         key_t, key_eps = jax.random.split(key)
@@ -265,9 +272,8 @@ def make_flash_losses(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, featu
     def generator(params, disc_params, batch, rng, progress=0.0):
         x = batch["x"].astype(jnp.float32)
         cond, context = batch.get("cond"), batch.get("context")
-        t, z_t, x_hat, key = student_sample(params, x, cond, context, rng, progress)
-        key_w, key_adv, key_dmd_t, key_dmd_eps = jax.random.split(key, 4)
-        w = jax.random.uniform(key_w, x.shape[:1], jnp.float32, cfg.guidance_min, cfg.guidance_max)
+        t, z_t, x_hat, w, student_cond, (key_adv, key_dmd_t, key_dmd_eps) = student_sample(
+            params, x, cond, context, rng, progress)
         target = jax.lax.stop_gradient(teacher_solution(teacher_denoiser(cond, context, w), z_t, t,
                                                         schedule, cfg))
         distil = jnp.mean(distance(x_hat, target, "l2"))
@@ -282,7 +288,7 @@ def make_flash_losses(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, featu
             z2 = jax.lax.stop_gradient(renoise(x_hat, t2, key_dmd_eps, schedule))
             x_real, _ = teacher_denoiser(cond, context, w)(z2, t2)
             x_fake, _ = x_of(model_fn(jax.lax.stop_gradient(params), z2, schedule.model_time(t2),
-                                      cond, context), z2, t2)
+                                      student_cond, context), z2, t2)
             dmd = jnp.mean(dmd_surrogate(x_hat, jax.lax.stop_gradient(x_fake), jax.lax.stop_gradient(x_real)))
             total, metrics["dmd"] = total + cfg.dmd_weight * dmd, dmd
         metrics["loss"] = total
@@ -291,8 +297,8 @@ def make_flash_losses(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, featu
     def discriminator(disc_params, params, batch, rng, progress=0.0):
         x = batch["x"].astype(jnp.float32)
         cond, context = batch.get("cond"), batch.get("context")
-        _, _, x_hat, key = student_sample(jax.lax.stop_gradient(params), x, cond, context, rng, progress)
-        _, key_adv, _, _ = jax.random.split(key, 4)
+        _, _, x_hat, _, _, (key_adv, _, _) = student_sample(jax.lax.stop_gradient(params), x, cond,
+                                                             context, rng, progress)
         key_real, key_fake = jax.random.split(key_adv)
         fake = disc_scores(disc_params, jax.lax.stop_gradient(x_hat), key_fake, context)
         real = disc_scores(disc_params, x, key_real, context)

@@ -5,8 +5,8 @@ Stage one (``make_guided_stage_one_loss``, Meng eq. 3) distils a classifier-free
 x̂^w = (1 + w) x̂_c − w x̂_∅, into one model that takes the guidance weight w as an input, for
 w ~ U[w_min, w_max]. It only applies where a condition can be dropped (text, class labels); the
 SR teacher of Table 1 is unguided and starts at stage two directly. No trainer objective selects
-stage one yet (it is tested on its own, in tests/test_baselines.py): guidance-aware distillation of
-text-to-image teachers is what will use it.
+stage one yet (it is tested on its own, in tests/test_baselines.py); the trainer's guidance-aware
+CoDi and Flash modes take w the same way.
 
 Stage two (``make_progressive_loss``) halves the number of sampling steps per round: a student
 of N steps (t = i/N) regresses, in one DDIM step t → t − 1/N, onto the point reached by two
@@ -24,14 +24,10 @@ the previous one (which is also its teacher), through a caller-supplied ``train_
 trainer (objective ``gd``) runs the same rounds from ``round_schedule`` inside its checkpointed
 loop instead, keeping each round's teacher in the train state so a preempted run resumes.
 
-**How w reaches our models.** ``model_fn(params, z, model_time, cond, context)`` has no slot for w,
-so a w-conditioned model receives ``cond = {"cond": c, "w": w}`` and ``w_conditioned`` turns it
-into ``c + E(w)``: sinusoidal features of w through a learned linear map, broadcast over the
-spatial axes and *added to the condition* (image or one-hot) — or to every text token with
-``into="context"`` when there is no condition array. The map starts at zero, so the w-conditioned
-student starts exactly as the conditional teacher, and w flows through the same conditional
-encoder (eq. 10) that reads c; the UNet itself needs no new input. Every loss and sampler here
-just passes ``cond`` along, so stage two distils the w-conditioned model unchanged.
+**How w reaches our models**: ``diffusion/guidance.py``'s ``w_conditioned`` (the student receives
+``cond = {"cond": c, "w": w}``; CoDi's and Flash's guidance-aware modes use the same embedding).
+Every loss and sampler here just passes ``cond`` along, so stage two distils the w-conditioned
+model unchanged.
 """
 
 from __future__ import annotations
@@ -45,6 +41,7 @@ import jax.numpy as jnp
 from codi_jax.diffusion.loss import ModelFn, distance, sample_time
 from codi_jax.diffusion.parametrization import broadcast_to, check_prediction_type, diffuse, \
     ddim_update, to_x_eps
+from codi_jax.diffusion.guidance import guided_prediction, sample_w
 from codi_jax.diffusion.schedule import Schedule
 from codi_jax.distill.switches import Switches
 from codi_jax.distill.codi import sample_grid_index
@@ -175,55 +172,7 @@ def make_progressive_loss(model_fn: ModelFn, teacher_fn: ConditionalTeacherFn, s
     return loss
 
 
-# ------------------------------------------------------------------- stage one: w-conditioning
-
-
-def guidance_features(w: Array, num_frequencies: int = 8) -> Array:
-    """(B,) → (B, 2F + 1): w itself and sin/cos of w at geometric frequencies 1/16 … 4, which
-    resolve w over the usual guidance range [0, 14] (the timestep embedding's recipe, scaled)."""
-    w = jnp.asarray(w, jnp.float32)
-    freqs = jnp.exp(jnp.linspace(jnp.log(1.0 / 16.0), jnp.log(4.0), num_frequencies))
-    angles = w[:, None] * freqs[None]
-    return jnp.concatenate([w[:, None], jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
-def init_w_conditioned(model_params: Any, channels: int, num_frequencies: int = 8) -> dict:
-    """Parameters of ``w_conditioned(model_fn)``: the model's own and a zero-initialised map
-    from the guidance features to ``channels`` (the last axis of the condition, or of the text
-    context with ``into="context"``), so that at initialisation the model ignores w."""
-    return {"model": model_params,
-            "w_embed": {"kernel": jnp.zeros((2 * num_frequencies + 1, channels), jnp.float32)}}
-
-
-def w_conditioned(model_fn: ModelFn, into: str = "cond") -> ModelFn:
-    """Wraps a conditional ``model_fn`` into one that takes ``cond = {"cond": c, "w": w}`` and
-    adds the learned embedding of w to c (``into="cond"``) or to every context token
-    (``into="context"``); params are ``init_w_conditioned``'s."""
-    if into not in ("cond", "context"):
-        raise ValueError(f"into: unknown value {into!r}; known: ['cond', 'context']")
-
-    def fn(params, z_t, model_time, cond, context):
-        if not isinstance(cond, Mapping) or "w" not in cond:
-            raise ValueError("cond: a w-conditioned model needs cond = {'cond': c, 'w': w}")
-        kernel = params["w_embed"]["kernel"]
-        emb = guidance_features(cond["w"], (kernel.shape[0] - 1) // 2) @ kernel   # (B, C)
-        c = cond.get("cond")
-        target = c if into == "cond" else context
-        if target is None:
-            raise ValueError(f"into: {into!r} but the batch has no {into} to add the w embedding to")
-        shifted = target + emb.reshape(emb.shape[:1] + (1,) * (target.ndim - 2) + emb.shape[1:]
-                                       ).astype(target.dtype)
-        if into == "cond":
-            return model_fn(params["model"], z_t, model_time, shifted, context)
-        return model_fn(params["model"], z_t, model_time, c, shifted)
-
-    return fn
-
-
-def guided_prediction(x_cond: Array, x_uncond: Array, w: Array) -> Array:
-    """Classifier-free guidance on x̂ with per-example weight w (Meng et al. eq. 2):
-    x̂^w = (1 + w) x̂_c − w x̂_∅; w = 0 is the conditional model, diffusers' guidance scale is 1 + w."""
-    return broadcast_to(1.0 + w, x_cond) * x_cond - broadcast_to(w, x_uncond) * x_uncond
+# ------------------------------------------------------------------------ stage one: guidance
 
 
 def make_guided_stage_one_loss(student_fn: ModelFn, teacher_fn: ConditionalTeacherFn,
@@ -248,7 +197,7 @@ def make_guided_stage_one_loss(student_fn: ModelFn, teacher_fn: ConditionalTeach
         cond, context = batch.get("cond"), batch.get("context")
         key_t, key_w, key_eps = jax.random.split(rng, 3)
         t = sample_time(key_t, x.shape[0], schedule)
-        w = jax.random.uniform(key_w, (x.shape[0],), jnp.float32, cfg.w_min, cfg.w_max)
+        w = sample_w(key_w, x.shape[0], cfg.w_min, cfg.w_max)
         eps = jax.random.normal(key_eps, x.shape, jnp.float32)
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
         z_t = diffuse(x, eps, alpha, sigma)
@@ -275,7 +224,7 @@ def with_guidance_weight(batch: Mapping[str, Any], rng: Array,
     """Stage-two batches of a w-conditioned model: ``cond`` → ``{"cond": cond, "w": w}`` with
     w ~ U[w_min, w_max] per example, so each round distils the whole guidance range."""
     n = batch["x"].shape[0]
-    w = jax.random.uniform(rng, (n,), jnp.float32, cfg.w_min, cfg.w_max)
+    w = sample_w(rng, n, cfg.w_min, cfg.w_max)
     return {**batch, "cond": {"cond": batch.get("cond"), "w": w}}
 
 

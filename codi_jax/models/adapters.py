@@ -302,6 +302,8 @@ def new_weights_mask(params: Mapping[str, Any]) -> dict[str, Any]:
     if "adapter" in params:
         mask["adapter"] = {k: jax.tree_util.tree_map(lambda _, new=not copied_from_unet(k, is_controlnet): new, v)
                            for k, v in adapter.items()}
+    if "w_embed" in params:   # a guidance-aware model's w embedding (diffusion/guidance.py)
+        mask["w_embed"] = jax.tree_util.tree_map(lambda _: True, params["w_embed"])
     return mask
 
 
@@ -314,6 +316,8 @@ def trainable_mask(params: Mapping[str, Any], mode: Literal["all", "adapter"]) -
         raise ValueError(f"trainable mode {mode!r}: choose 'all' or 'adapter'")
     if mode == "adapter" and "adapter" not in params:
         raise ValueError("trainable mode 'adapter' needs params with an 'adapter' subtree")
+    # Besides the adapter, a guidance-aware model's w embedding (diffusion/guidance.py) is new.
     return {
-        k: jax.tree_util.tree_map(lambda _: mode == "all" or k == "adapter", v) for k, v in params.items()
+        k: jax.tree_util.tree_map(lambda _: mode == "all" or k in ("adapter", "w_embed"), v)
+        for k, v in params.items()
     }

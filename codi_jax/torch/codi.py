@@ -226,6 +226,10 @@ class CoDiPipeline:
 
         meta = _read_meta(folder)
         adapted = meta["adapted_config"]
+        if meta.get("guidance_input"):
+            # Its w embedding (guidance/) is not ported: sampling without it would be silently wrong.
+            raise ValueError(f"{folder}: a guidance-aware export (it reads the guidance weight w); "
+                             "this PyTorch pipeline does not implement the w input: use codi_jax.predict")
         if adapted.get("adapter") == "cond_encoder":
             model = CoDiUNet.from_export(folder, torch_dtype)
         elif adapted.get("adapter") == "controlnet":
