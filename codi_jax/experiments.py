@@ -50,6 +50,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pe_codi", "PE-CoDi", "pe"),
     Variant("cm", "CM", "cm", teacher="teacher"),
     Variant("gd", "GD", "gd", teacher="teacher"),
+    # Flash Diffusion from the same teacher, all weights and (the paper's setting) rank-8 LoRA;
+    # LoRA-CoDi beside PE-CoDi: the parameter-efficient variants with their trainable counts.
+    Variant("flash", "Flash Diffusion", "flash", teacher="teacher"),
+    Variant("flash_lora", "Flash Diffusion, LoRA r8", "flash_lora", teacher="teacher"),
+    Variant("lora_codi", "LoRA-CoDi, r8", overrides={"model.lora_rank": 8}),
     Variant("random_init", "CoDi, random init", overrides={"model.init": "random"}),
     Variant("sample_t", "CoDi, t per sample", overrides={"distill.timestep_sampling": "sample"}),
     Variant("no_cg", "CoDi, no CG", overrides={"distill.cg_weight": 0.0}),

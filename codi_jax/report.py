@@ -23,6 +23,9 @@ METHODS = (("teacher", "ddim", "Fine-tuned teacher, DDIM"),
            ("cm", "cm", "CM"),
            ("gd", "ddim", "GD, deterministic"),
            ("gd", "stochastic", "GD, stochastic"),
+           ("flash", "flash", "Flash Diffusion"),
+           ("flash_lora", "flash", "Flash Diffusion, LoRA r8"),
+           ("lora_codi", "codi", "LoRA-CoDi, r8"),
            ("codi_2x", "codi", "CoDi, 2x steps (the teacher's + CM's)"))
 # The §5.1 ablations (Figs. 3, 5), each a CoDi run with one switch changed.
 ABLATIONS = (("codi", "codi", "CoDi (pretrained, single t, CG, PREv, latent l2)"),
@@ -88,6 +91,10 @@ def claims(summaries: dict) -> list[tuple[str, str, str]]:
     add("CoDi beats CM", codi, _entry(summaries, "cm", "cm", n))
     add("CoDi beats GD (deterministic sampler)", codi, _entry(summaries, "gd", "ddim", n))
     add("CoDi beats GD (stochastic sampler)", codi, _entry(summaries, "gd", "stochastic", n))
+    add("CoDi beats Flash Diffusion (not a claim of the paper, which predates it)", codi,
+        _entry(summaries, "flash", "flash", n))
+    add("CoDi beats LoRA-CoDi (parameter efficiency's cost, as for PE-CoDi)", codi,
+        _entry(summaries, "lora_codi", "codi", n))
     codi_2x = _entry(summaries, "codi_2x", "codi", n)
     add("Control: CoDi with CM's total training steps beats CM", codi_2x, _entry(summaries, "cm", "cm", n))
     add("Control: CoDi with GD's total training steps beats GD (stochastic)", codi_2x,

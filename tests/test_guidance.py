@@ -68,6 +68,8 @@ def test_guided_targets_extrapolate_from_the_unconditional_model():
 def test_guided_mode_needs_its_unconditional_model_and_a_guided_cg_target():
     with pytest.raises(ValueError, match="uncond_fn"):
         make_codi_loss(GUIDED_STUDENT, SCHED, PRED, CoDiLossConfig(guidance_max=3.0))
+    with pytest.raises(ValueError, match="cg_weight"):
+        CoDiLossConfig(guidance_max=3.0, cg_weight=0.0)
     with pytest.raises(ValueError, match="image_l2"):
         CoDiLossConfig(guidance_max=3.0, cg_distance="image_l2")
     with pytest.raises(ValueError, match="guidance_min"):

@@ -86,6 +86,8 @@ class CoDiLossConfig(Switches):
         if not 0 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"guidance_min/max: need 0 <= min <= max, got [{self.guidance_min}, "
                              f"{self.guidance_max}]")
+        if self.guided and not self.cg_weight:
+            raise ValueError("guidance_max > 0 guides the CG target: it needs cg_weight > 0")
         if self.guided and self.cg_distance == "image_l2" and self.cg_weight:
             raise ValueError("cg_distance: 'image_l2' has no guided target (the pictures are the "
                              "conditional data only); use latent_l2 or pixel_l2 with guidance")
