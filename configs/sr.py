@@ -42,7 +42,14 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   20.68 raw (SSIM 0.566 / 0.395), **23.78** / 23.41 colour-fixed (gradient energy 0.17 / 0.26);
   DPM-Solver++ 22.59 / 20.39 raw. So the conditional teacher's 1-step posterior-mean estimate
   is 1.1 dB below bicubic raw and 0.12 dB above it colour-fixed at this budget, still rising
-  (+0.7 dB raw from step 500 to 1000): it does not yet meet the posterior-mean bar raw. On the
+  (+0.7 dB raw from step 500 to 1000): it does not yet meet the posterior-mean bar raw. Twice
+  as long on a cosine schedule (``--config.train.num_steps=2000 --config.train.lr_schedule=cosine
+  --config.eval.every=1000 '--config.eval.steps=(1,4)'``, ``docs/sr_finetune_g4_2000/``, 35 min
+  wall beside another run): step 1000 22.48 raw, step 2000 **22.91** raw (SSIM 0.570) / 23.78
+  colour-fixed at 1 step, 21.18 / 23.46 at 4 (DPM-Solver++ 20.92 raw): still 0.75 dB below
+  bicubic raw. Colour-fixed it has been 23.78 since step 500: what the extra steps buy is the
+  output's low frequencies (colour, local means) converging toward the input's, slowly; its own
+  detail was worth +0.12 dB from the start. On the
   first autoencoder (``docs/sr_finetune/``, 1208 steps) it was 1.5 dB below on all 128 crops.
 * ``cm`` / ``gd`` — consistency distillation / progressive distillation (rounds 32 → 16 → 8 → 4
   steps) of that teacher: add ``--config.model.conditional_teacher=<finetune workdir>/export``.
