@@ -157,9 +157,10 @@ def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool 
             "", f"Guidance-aware: distilled from classifier-free-guided targets, it reads the guidance "
             f"weight w itself (one evaluation per step) and samples at w = {student.guidance:g} "
             f"(diffusers' scale {1 + student.guidance:g}); `guidance/w_embed.safetensors` maps w's "
-            "sinusoidal features onto the condition's channels (`codi_jax/diffusion/guidance.py`). "
-            "`codi_jax.torch` does not implement that input: run it with `codi_jax.predict` "
-            "(`--guidance` picks another w)."]
+            "sinusoidal features onto the condition's channels (`codi_jax/diffusion/guidance.py`), "
+            "added to the condition before the model reads it. `codi_jax.predict --guidance` and "
+            "`codi_jax.torch.CoDiPipeline(..., guidance=w)` pick another w; diffusers' own ControlNet "
+            "pipeline cannot add it."]
     if has_lora:
         lines += [
             f"`lora/pytorch_lora_weights.safetensors`: the UNet's rank-{cfg.model.lora_rank} LoRA alone "

@@ -15,7 +15,7 @@ import pytest
 
 from codi_jax import config_lib, export, predict
 from codi_jax.models.adapters import init_adapted_params
-from codi_jax.modeling import adapted_config, load_teacher, make_student
+from codi_jax.modeling import adapted_config, load_teacher, make_student, with_guidance_input
 from tiny import write_tiny_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -59,9 +59,10 @@ def teacher_folder(tmp_path_factory):
     return str(root)
 
 
-def _export(teacher_folder: str, out: str, adapter: str, cond_input: str) -> str:
+def _export(teacher_folder: str, out: str, adapter: str, cond_input: str, guidance: bool = False) -> str:
     """A CoDi student of the teacher, its adapter perturbed off its identity initialisation (μ,
-    zero convs), written by ``codi_jax.export.export``."""
+    zero convs), written by ``codi_jax.export.export``; ``guidance``: guidance-aware, with a random
+    w embedding, sampling at w = 2 by default."""
     cfg = config_lib.task_config("sr")
     cfg.data.image_size = SIZE
     m = cfg.model
@@ -76,6 +77,9 @@ def _export(teacher_folder: str, out: str, adapter: str, cond_input: str) -> str
     params["adapter"] = jax.tree_util.tree_unflatten(tree, leaves)
     if adapter == "cond_encoder":
         params["adapter"]["mu"] = jnp.asarray(0.4, jnp.float32)
+    if guidance:
+        student, params = with_guidance_input(student, params, 2.0)
+        params["w_embed"]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(3), params["w_embed"]["kernel"].shape)
     return export.export(student, params, out, cfg)
 
 
@@ -87,9 +91,9 @@ def inputs():
     return np.clip(cond, -1, 1).astype(np.float32)
 
 
-def _ours(folder: str, cond: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _ours(folder: str, cond: np.ndarray, steps: int, guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``codi_jax.predict``'s output (HxWx3 in [0, 1]) and its initial noise (NCHW)."""
-    p = predict.load_predictor(folder)
+    p = predict.load_predictor(folder, guidance)
     out = predict.predict(p, cond, steps, seed=0, tile=SIZE, overlap=0, batch=1, prompt=PROMPT)
     noise = predict.initial_noise(0, (SIZE // p.factor, SIZE // p.factor, 4))
     return (out + 1.0) / 2.0, np.transpose(noise, (2, 0, 1))[None]
@@ -111,6 +115,25 @@ def test_codi_pipeline_equals_predict(teacher_folder, inputs, tmp_path, adapter,
         theirs = pipe(_nchw(inputs), torch.from_numpy(noise), steps, prompt=PROMPT)[0].permute(1, 2, 0).numpy()
         assert np.abs(theirs - ours).max() <= TOLERANCE, (steps, np.abs(theirs - ours).max())
         assert ours.std() > 0.01  # a picture, not a constant
+
+
+@pytest.mark.parametrize("adapter, cond_input", [("cond_encoder", "latent"), ("controlnet", "pixel")])
+def test_guidance_aware_export_equals_predict(teacher_folder, inputs, tmp_path, adapter, cond_input):
+    """The w input (added to the condition) in PyTorch: the export's own w and another one."""
+    from codi_jax.torch import CoDiPipeline
+    from codi_jax.torch.codi import pipeline_kwargs
+
+    folder = _export(teacher_folder, str(tmp_path / "export"), adapter, cond_input, guidance=True)
+    pipe = CoDiPipeline.from_export(folder)
+    outputs = {}
+    for w in (None, 5.0):
+        ours, noise = _ours(folder, inputs, 2, guidance=w)
+        theirs = pipe(_nchw(inputs), torch.from_numpy(noise), 2, prompt=PROMPT, guidance=w)[0].permute(1, 2, 0).numpy()
+        assert np.abs(theirs - ours).max() <= TOLERANCE, (w, np.abs(theirs - ours).max())
+        outputs[w] = ours
+    assert np.abs(outputs[None] - outputs[5.0]).max() > 1e-3   # w changes the picture
+    with pytest.raises(ValueError, match="guidance-aware"):
+        pipeline_kwargs(folder, 4)
 
 
 def test_pe_codi_runs_in_diffusers_controlnet_pipeline(teacher_folder, inputs, tmp_path):

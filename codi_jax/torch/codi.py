@@ -218,6 +218,10 @@ class CoDiPipeline:
     tokenizer: Any = None
     clip_skip: int = 0
     prompt: str = ""
+    # A guidance-aware export (codi_jax/diffusion/guidance.py): the map from w's sinusoidal
+    # features to the condition's channels, and the w it samples with by default.
+    w_embed: Optional[Tensor] = None
+    guidance: float = 0.0
 
     @classmethod
     def from_export(cls, folder: str, torch_dtype: torch.dtype = torch.float32) -> "CoDiPipeline":
@@ -226,10 +230,6 @@ class CoDiPipeline:
 
         meta = _read_meta(folder)
         adapted = meta["adapted_config"]
-        if meta.get("guidance_input"):
-            # Its w embedding (guidance/) is not ported: sampling without it would be silently wrong.
-            raise ValueError(f"{folder}: a guidance-aware export (it reads the guidance weight w); "
-                             "this PyTorch pipeline does not implement the w input: use codi_jax.predict")
         if adapted.get("adapter") == "cond_encoder":
             model = CoDiUNet.from_export(folder, torch_dtype)
         elif adapted.get("adapter") == "controlnet":
@@ -248,13 +248,19 @@ class CoDiPipeline:
 
             text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch_dtype).eval()
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        w_embed = None
+        if meta.get("guidance_input"):
+            from safetensors.numpy import load_file
+
+            w_embed = torch.from_numpy(load_file(os.path.join(folder, "guidance", "w_embed.safetensors"))["kernel"]).float()
         prediction_type = meta["prediction_type"]
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"codi.json: unknown prediction_type {prediction_type!r}; known: {PREDICTION_TYPES}")
         return cls(model, vae, scheduler.alphas_cumprod.double().numpy(), int(meta["grid"]), prediction_type,
                    hint_stem=adapted.get("cond_embedding_channels") is not None,
                    text_encoder=text_encoder, tokenizer=tokenizer,
-                   clip_skip=1 if meta.get("text_layer") == "penultimate" else 0, prompt=meta.get("prompt", ""))
+                   clip_skip=1 if meta.get("text_layer") == "penultimate" else 0, prompt=meta.get("prompt", ""),
+                   w_embed=w_embed, guidance=float(meta.get("guidance", 0.0)))
 
     @torch.no_grad()
     def encode_prompt(self, prompt: Optional[str], batch: int) -> Optional[Tensor]:
@@ -291,13 +297,29 @@ class CoDiPipeline:
             return (z - sigma * pred) / alpha, pred
         return pred, (z - alpha * pred) / sigma
 
+    def with_guidance(self, c: Tensor, guidance: Optional[float]) -> Tensor:
+        """A guidance-aware model's condition: c plus the embedding of w (``guidance``, or the
+        export's own), broadcast over the spatial axes; other models' c as it is."""
+        if self.w_embed is None:
+            if guidance is not None:
+                raise ValueError("guidance: this export is not guidance-aware (it has no w input)")
+            return c
+        w = torch.full((c.shape[0],), self.guidance if guidance is None else float(guidance), dtype=torch.float32)
+        num_frequencies = (self.w_embed.shape[0] - 1) // 2
+        freqs = torch.exp(torch.linspace(np.log(1.0 / 16.0), np.log(4.0), num_frequencies))
+        angles = w[:, None] * freqs[None]
+        features = torch.cat([w[:, None], torch.sin(angles), torch.cos(angles)], dim=-1)
+        return c + (features @ self.w_embed).to(c.dtype)[:, :, None, None]
+
     @torch.no_grad()
     def __call__(self, cond: Tensor, latents: Tensor, num_inference_steps: int = 4,
-                 prompt: Optional[str] = None, prompt_embeds: Optional[Tensor] = None) -> Tensor:
+                 prompt: Optional[str] = None, prompt_embeds: Optional[Tensor] = None,
+                 guidance: Optional[float] = None) -> Tensor:
         """Images (NCHW in [0, 1]) from the initial noise ``latents`` (NCHW, the VAE latent's
         shape) given the condition ``cond`` (see :meth:`condition`): ``num_inference_steps`` DDIM
-        steps (eq. 6) on the teacher grid, the last of which lands on clean data."""
-        c = self.condition(cond)
+        steps (eq. 6) on the teacher grid, the last of which lands on clean data. ``guidance``:
+        the w of a guidance-aware export (default: the one it was exported with)."""
+        c = self.with_guidance(self.condition(cond), guidance)
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, latents.shape[0])
         steps = grid_timesteps(num_inference_steps, self.grid, len(self.alphas_cumprod))
@@ -316,6 +338,9 @@ def pipeline_kwargs(folder: str, num_inference_steps: int) -> dict[str, Any]:
     """What diffusers' ``StableDiffusionControlNetPipeline`` needs besides its inputs to sample a
     PE-CoDi export as ``codi_jax`` does (a hint-stem ControlNet, ``model.cond_input=pixel``)."""
     meta = _read_meta(folder)
+    if meta.get("guidance_input"):
+        raise ValueError(f"{folder}: a guidance-aware export reads w through its condition, which "
+                         "diffusers' ControlNet pipeline cannot add: use codi_jax.torch.CoDiPipeline")
     grid = int(meta["grid"])
     if grid % num_inference_steps:
         raise ValueError(f"num_inference_steps: diffusers' trailing DDIM timesteps equal CoDi's only for "
