@@ -200,3 +200,21 @@ def test_lora_file_loads_in_diffusers_and_equals_the_merged_unet(teacher_folder,
     base = np.asarray(unet.apply({"params": teacher.unet_params}, z, t, ctx))
     assert np.abs(ours - base).max() > 1e-2       # the LoRA changes the function
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_guided_flash_trains_on_a_text_teacher(teacher_folder, tmp_path):
+    """The trainer's guidance-aware Flash on a conditional export of a teacher that reads text,
+    whose classifier-free guidance drops the prompt (``train.empty_prompt_context``, which guided
+    CoDi's unconditional branch shares; CoDi's mode is trained in tests/test_guidance.py): it
+    trains (a non-finite step would stop the run) and the w embedding, zero at the start, moves."""
+    from codi_jax import train
+    from test_train import _checkpoint
+
+    cfg = config_lib.task_config("sr", "flash,guided")
+    cfg.model.conditional_teacher = _export(teacher_folder, str(tmp_path / "teacher"), "cond_encoder", "latent")
+    cfg.data.image_size, cfg.train.batch_size, cfg.train.warmup_steps = SIZE, 8, 1
+    # Four steps: the w embedding gets its first gradient once the lr left 0.
+    cfg.train.num_steps, cfg.train.checkpoint_every, cfg.eval.num_examples, cfg.export = 4, 4, 0, False
+    cfg.flash.num_timesteps, cfg.flash.teacher_steps = 8, 2
+    train.train_and_evaluate(cfg, str(tmp_path / "flash"))
+    assert np.abs(np.asarray(_checkpoint(str(tmp_path / "flash"), 4)["params"]["w_embed"]["kernel"])).max() > 0
