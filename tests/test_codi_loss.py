@@ -199,3 +199,19 @@ def test_standard_diffusion_loss_is_zero_for_the_exact_model(prediction_type):
     assert np.isfinite(float(weighted({"m": M + 0.2, "w": EXACT["w"]}, _batch(), jax.random.PRNGKey(0))[0]))
     with pytest.raises(ValueError, match="snr_weighting"):
         diffusion.make_diffusion_loss(model, SCHED, prediction_type, snr_weighting="p2")
+
+
+def test_lowpass_cg_term_weighs_the_local_means():
+    """An x̂ off by a constant δ: the plain CG term is δ², the low-pass one adds weight·δ² (every
+    local mean is off by δ too); an x̂ off by a checkerboard of ±δ (no local mean moves) adds 0."""
+    from codi_jax.distill.codi import local_means
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    checker = 0.3 * (-1.0) ** (jnp.arange(8)[:, None] + jnp.arange(8)[None])[None, :, :, None]
+    for pool in (0, 2, 4):
+        np.testing.assert_allclose(local_means(x + 0.3, pool) - local_means(x, pool), 0.3, atol=1e-6)
+        np.testing.assert_allclose(local_means(x + checker, pool), local_means(x, pool), atol=1e-6)
+    with pytest.raises(ValueError, match="does not divide"):
+        local_means(x, 3)
+    with pytest.raises(ValueError, match="latent_l2"):
+        CoDiLossConfig(cg_lowpass_weight=1.0, cg_distance="pixel_l2")

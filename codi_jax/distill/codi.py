@@ -79,10 +79,19 @@ class CoDiLossConfig(Switches):
     cg_distance: str = "latent_l2"        # paper default: ‖x − x̂‖² in the model's own space;
     # pixel_l2: ‖D(x) − D(x̂)‖²; image_l2: ‖picture − D(x̂)‖², against the picture itself rather
     # than its (lossy) latent, so the student can undo what the autoencoder gets wrong.
+    # An extra CG term on the local means, cg_lowpass_weight · ‖pool(x) − pool(x̂)‖² (pool: the mean
+    # over cg_lowpass_pool × cg_lowpass_pool cells of the latent; 0 = the whole crop's mean): the
+    # low frequencies, which a latent l2 weighs as little as any other, get a weight of their own.
+    # 0 = off (the paper's d_x). Latent l2 only.
+    cg_lowpass_weight: float = 0.0
+    cg_lowpass_pool: int = 0
     guidance_min: float = 0.0             # guidance-aware mode when guidance_max > 0: w ~ U[min, max]
     guidance_max: float = 0.0             # (module docstring); 0, 0: off, the paper's objective
 
     def check(self) -> None:
+        if self.cg_lowpass_weight and self.cg_distance != "latent_l2":
+            raise ValueError(f"cg_lowpass_weight: defined for cg_distance='latent_l2' only, got "
+                             f"{self.cg_distance!r}")
         if not 0 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"guidance_min/max: need 0 <= min <= max, got [{self.guidance_min}, "
                              f"{self.guidance_max}]")
@@ -107,6 +116,16 @@ def sample_grid_index(rng: Array, batch_size: int, grid: int, mode: str) -> Arra
     n = 1 if mode == "batch" else batch_size
     i = jax.random.randint(rng, (n,), 1, grid + 1)
     return jnp.broadcast_to(i, (batch_size,))
+
+
+def local_means(x: Array, pool: int) -> Array:
+    """(B, H, W, C) → the means over pool × pool cells, (B, H/pool, W/pool, C); pool 0: (B, C)."""
+    if pool == 0:
+        return jnp.mean(x, axis=(1, 2))
+    b, h, w, c = x.shape
+    if h % pool or w % pool:
+        raise ValueError(f"cg_lowpass_pool: {pool} does not divide the {h}x{w} latent")
+    return jnp.mean(x.reshape(b, h // pool, pool, w // pool, pool, c), axis=(2, 4))
 
 
 def boundary_scalings(t: Array, cfg: CoDiLossConfig) -> tuple[Array, Array]:
@@ -159,7 +178,10 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
 
     def cg_term(x, x_hat, pictures):
         if cfg.cg_distance == "latent_l2":
-            return distance(x, x_hat, "l2")
+            if not cfg.cg_lowpass_weight:
+                return distance(x, x_hat, "l2")
+            return distance(x, x_hat, "l2") + cfg.cg_lowpass_weight * distance(
+                local_means(x, cfg.cg_lowpass_pool), local_means(x_hat, cfg.cg_lowpass_pool), "l2")
         images_hat = decode_fn(x_hat)
         if cfg.cg_distance == "image_l2":
             return distance(pictures.astype(jnp.float32), images_hat.astype(jnp.float32), "l2")
