@@ -387,8 +387,8 @@ def checkpoint_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.Chec
 # state's structure, the objective, the model or the data order. Anything else (train.num_steps,
 # the learning rate, evaluation and logging settings) may change between a stop and a resume.
 RESUME_KEYS = ("seed", "objective", "model.pretrained", "model.unet_config", "model.vae",
-               "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots", "model.guidance_input",
-               "model.cond_input", "model.hint_channels", "model.prediction_type",
+               "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots",
+               "model.guidance_input", "model.cond_input", "model.hint_channels", "model.prediction_type",
                "model.conditional_teacher", "model.vae_config", "model.lora_rank", "model.lora_convs",
                "model.lora_modules", "data.task", "data.source",
                "train.batch_size", "distill.grid", "gd.teacher_steps", "gd.target_steps")
