@@ -291,8 +291,10 @@ def _flash_lora(c: ml_collections.ConfigDict) -> None:
 def _guided(c: ml_collections.ConfigDict) -> None:
     """Guidance-aware CoDi / Flash: CFG targets at w ~ U[0, 8] (diffusers' scale 1-9, the range SD
     is used in), the student reads w and samples at w = 6.5 (diffusers' default scale 7.5) in one
-    evaluation per step. For teachers whose condition can be dropped: a text prompt (CoDi's
-    unconditional branch is the frozen pretrained teacher with the empty prompt)."""
+    evaluation per step; ``--config.model.guidance`` picks the evaluation's w, ``predict
+    --guidance`` another. CoDi's unconditional branch is the frozen pretrained teacher with the
+    empty prompt (a teacher without text: itself, so guidance pushes away from the prior,
+    condition and all); Flash's drops the prompt, so it needs a teacher that reads text."""
     c.model.guidance_input = True
     c.model.guidance = 6.5
     for section in (c.distill, c.flash):

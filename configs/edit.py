@@ -25,13 +25,9 @@ Presets compose (``--config=configs/edit.py:<preset>[,<preset>...][,key=value...
 * ``sd15`` / ``sd21`` — Stable Diffusion 1.5 / 2.1 recipes (configs/stable_diffusion.py:
   the defaults and where they come from); bring data with ``--config.data.source=folder:<path>`` or
   ``tfds:<name>``.
-* ``guided`` (with ``sd15`` / ``sd21``) — guidance-aware CoDi (``distill/codi.py``): the CG target
-  classifier-free guided at w ~ U[0, 8] against the frozen teacher with the empty prompt, the
-  student reads w and samples at w = 6.5 (diffusers' scale 7.5) in one evaluation per step;
-  ``--config.model.guidance`` picks the evaluation's w, ``predict --guidance`` another. With the
-  embedded teacher, which reads no text, the unconditional branch is that teacher itself (guidance
-  away from the prior, condition and all). Tested on a 2-D toy and tiny models; not measured on
-  Stable Diffusion or the embedded setup yet.
+* ``guided`` (with ``sd15`` / ``sd21``) — guidance-aware CoDi: the student reads the guidance
+  weight and samples in one evaluation per step (``config_lib._guided``, ``distill/codi.py``); not
+  measured on Stable Diffusion or the embedded setup yet.
 """
 
 from codi_jax import config_lib
