@@ -45,17 +45,13 @@ def guidance_features(w: Array, num_frequencies: int = 8) -> Array:
     return jnp.concatenate([w[:, None], jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def init_w_embed(channels: int, num_frequencies: int = 8) -> dict:
-    """The zero-initialised map from the guidance features to ``channels`` (the last axis of the
-    condition, or of the text context with ``into="context"``): at initialisation w is ignored."""
-    return {"kernel": jnp.zeros((2 * num_frequencies + 1, channels), jnp.float32)}
-
-
 def init_w_conditioned(model_params: Mapping[str, Any], channels: int, num_frequencies: int = 8) -> dict:
-    """Parameters of ``w_conditioned(model_fn)``: the model's own (a dict) plus ``w_embed``."""
+    """Parameters of ``w_conditioned(model_fn)``: the model's own (a dict) plus ``w_embed``, the
+    zero-initialised map from the guidance features to ``channels`` (the last axis of the
+    condition, or of the text context with ``into="context"``): at initialisation w is ignored."""
     if W_EMBED in model_params:
         raise ValueError(f"model params already hold a {W_EMBED!r} entry")
-    return {**model_params, W_EMBED: init_w_embed(channels, num_frequencies)}
+    return {**model_params, W_EMBED: {"kernel": jnp.zeros((2 * num_frequencies + 1, channels), jnp.float32)}}
 
 
 def w_conditioned(model_fn: ModelFn, into: str = "cond") -> ModelFn:
