@@ -148,7 +148,7 @@ def latent_std(vae: AutoencoderKL, params: Any, cfg: ml_collections.ConfigDict, 
     from codi_jax import data as data_lib
 
     batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
-                                           seed=cfg.seed + 12345)
+                                           seed=cfg.data.seed + 12345)
     enc = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, method=vae.encode).sample(k))
     zs = [np.asarray(enc(params, sharding.global_batch({"image": next(batches)["image"]}, mesh)["image"],
                          jax.random.PRNGKey(i))) for i in range(num_batches)]
@@ -197,7 +197,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     report = periodic_actions.ReportProgress(num_train_steps=cfg.train.num_steps, writer=writer)
     batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
-                                           seed=cfg.seed, start_step=start)
+                                           seed=cfg.data.seed, start_step=start)
     preempted = PreemptionFlag()
 
     def log_eval(step: int) -> dict:

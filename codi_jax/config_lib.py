@@ -137,9 +137,17 @@ def model_config() -> ml_collections.ConfigDict:
     return m
 
 
+def model_grid(cfg: ml_collections.ConfigDict) -> int:
+    """The time grid a distilled model samples on: CoDi's teacher grid, or Flash's K."""
+    return cfg.flash.num_timesteps if cfg.objective == "flash" else cfg.distill.grid
+
+
 def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     """Defaults shared by every recipe: the embedded tiny CoDi distillation on the demo data."""
     c = ml_collections.ConfigDict()
+    # The training randomness (new parameters' initialisation, t and noise draws); the data order
+    # and degradations (data.seed) and the evaluation's noise (eval.seed) have seeds of their own,
+    # so that runs with different training seeds see the same batches and are scored alike.
     c.seed = 0
     c.mode = "train"            # train | eval | export (see main.py)
     # codi (Algorithm 1) | diffusion (pretrain / fine-tune teachers) | cm | gd (the baselines,
@@ -211,6 +219,7 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0                      # evaluate during training every this many steps (0 = end only)
+    c.eval.seed = 0                       # the initial noise of every sample (same for every sampler)
     # Held-out splits, each reported on its own; () = data.eval_split alone. The embedded source's:
     # its held-out natural pictures, then its held-out procedural ones.
     c.eval.splits = ("eval", "eval_procedural")
@@ -219,7 +228,7 @@ def base_config(task: str = "sr") -> ml_collections.ConfigDict:
     c.eval.batch_size = 16                # global batch, split over the processes as train.batch_size
     c.eval.num_examples = 64
     c.eval.grid_examples = 8
-    c.eval.samplers = ("codi",)           # codi | ddim | dpmpp | cm | stochastic, see sampling.py
+    c.eval.samplers = ("codi",)           # codi | ddim | dpmpp | stochastic | cm | cm_ddim | renoise: sampling.py
     # SR: also score every output after the wavelet colour fix of diffusion SR pipelines (its low
     # frequencies from the bicubic input; color_fix.py), as "<sampler>+colorfix" beside the raw one.
     c.eval.color_fix = True
@@ -277,7 +286,7 @@ def _cm(c: ml_collections.ConfigDict) -> None:
 def _flash(c: ml_collections.ConfigDict) -> None:
     c.objective = "flash"
     # Its multistep sampler (re-noising between steps on the K grid), at the paper's 1, 2, 4 steps.
-    c.eval.samplers = ("flash",)
+    c.eval.samplers = ("renoise",)
     c.eval.steps = (1, 2, 4)
 
 

@@ -25,7 +25,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from codi_jax import color_fix, metrics, sharding
+from codi_jax import color_fix, config_lib, metrics, sharding
 from codi_jax.distill import CMLossConfig
 from codi_jax.modeling import Student
 from codi_jax.sampling import JittedSamplers
@@ -133,8 +133,7 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     steps = [int(n) for n in cfg.eval.steps]
     cm = CMLossConfig.from_mapping(cfg.cm.to_dict())
     samplers = samplers or JittedSamplers(student)
-    grids = {"cm": cm.grid, "flash": cfg.flash.num_timesteps}
-    fns = {(s, n): samplers.get(s, grids.get(s, cfg.distill.grid), n, cm)
+    fns = {(s, n): samplers.get(s, config_lib.model_grid(cfg), n, cm)
            for s in cfg.eval.samplers for n in steps}
     metric_fn = jax.jit(_metrics)
     conditional = student.config["adapter"] != "none"  # else: pretraining, no input to show
@@ -147,7 +146,7 @@ def run(cfg: ml_collections.ConfigDict, student: Student, params: Any, aux: Any,
     dist = DistributionMetrics(cfg)
     totals: dict[Any, dict[str, float]] = {}
     grid_rows = None
-    key = jax.random.PRNGKey(cfg.seed + 1)
+    key = jax.random.PRNGKey(cfg.eval.seed + 1)
 
     def accumulate(k, images, batch):
         values = jax.device_get(metric_fn(images, batch["image"], batch["mask"]))

@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from codi_jax import models
 from codi_jax.models import lora
-from codi_jax.config_lib import embedded_path, model_config
+from codi_jax.config_lib import embedded_path, model_config, model_grid
 from codi_jax.modeling import Student, Teacher, load_teacher, make_student
 from codi_jax.models.adapters import controlnet_config, init_adapted_params
 from codi_jax.models.io import write_folder_atomically
@@ -88,8 +88,8 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
         with open(os.path.join(tmp, "codi.json"), "w") as f:
             task = cfg.data.task
             json.dump({"adapted_config": {k: v for k, v in student.config.items() if k != "unet"},
-                       "prediction_type": teacher.prediction_type, "grid": sampling_grid(cfg),
-                       "sampler": "flash" if cfg.objective == "flash" else "codi",
+                       "prediction_type": teacher.prediction_type, "grid": model_grid(cfg),
+                       "sampler": "renoise" if cfg.objective == "flash" else "codi",
                        "text_layer": student.text_layer, "prompt": student.prompt,
                        "guidance_input": student.guidance_input, "guidance": student.guidance,
                        # What `codi_jax.predict` needs to build conditions as the training did.
@@ -106,15 +106,10 @@ def export(student: Student, params: Any, out_dir: str, cfg: ml_collections.Conf
     return write_folder_atomically(out_dir, write)
 
 
-def sampling_grid(cfg: ml_collections.ConfigDict) -> int:
-    """The time grid the exported model samples on: CoDi's teacher grid, or Flash's K."""
-    return cfg.flash.num_timesteps if cfg.objective == "flash" else cfg.distill.grid
-
-
 def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool = False) -> str:
     """The export's README: what the model is and how to run it, here and in PyTorch/diffusers
     (the scheduler settings that reproduce CoDi's sampler)."""
-    adapter, grid = student.config["adapter"], sampling_grid(cfg)
+    adapter, grid = student.config["adapter"], model_grid(cfg)
     hint = student.config["cond_embedding_channels"] is not None
     divisors = ", ".join(str(n) for n in range(1, grid + 1) if grid % n == 0)
     text = student.teacher.text_encoder is not None
@@ -150,7 +145,7 @@ def model_card(student: Student, cfg: ml_collections.ConfigDict, has_lora: bool 
         lines[-1:-1] = [
             "", "Distilled with Flash Diffusion: its sampler re-noises x̂ with fresh noise between "
             "steps instead of DDIM's deterministic step (diffusers' `LCMScheduler` steps this way; "
-            "parity with it is not tested). `codi.json` says `\"sampler\": \"flash\"`, which "
+            "parity with it is not tested). `codi.json` says `\"sampler\": \"renoise\"`, which "
             "`codi_jax.predict` follows."]
     if student.guidance_input:
         lines[-1:-1] = [

@@ -119,7 +119,7 @@ class Predictor:
     params: Any
     aux: Any
     grid: int
-    sampler: str         # "codi" (DDIM steps) | "flash" (x̂ re-noised with fresh noise)
+    sampler: str         # "codi" (DDIM steps) | "renoise" (x̂ re-noised with fresh noise)
     task: str
     task_options: dict
     image_size: int
@@ -285,7 +285,7 @@ def predict(p: Predictor, cond: np.ndarray, steps: int, seed: int, tile: int, ov
             z_tiles = np.stack([z[starts[i][0]:starts[i][0] + lt, starts[i][1]:starts[i][1] + lt] for i in idx])
             x_hats.extend(np.asarray(denoise(p.params, c, context, z_tiles, np.float32(t)))[:n])
         x_hat = blend_tiles(x_hats, starts, (lh, lw), lo)
-        if p.sampler == "flash":   # re-noised with fresh noise, drawn for the whole picture
+        if p.sampler == "renoise":   # re-noised with fresh noise, drawn for the whole picture
             eps_hat = initial_noise(seed + 1 + k, z.shape)
         else:
             eps_hat = (z - float(schedule.alpha(t)) * x_hat) / float(schedule.sigma(t))

@@ -1,51 +1,138 @@
-"""``docs/results.md`` and its Fig.-5-style plots from the reproduction's per-variant summaries.
+"""``docs/results.md`` and its figures, from the reproduction's per-run files alone.
 
-The paper compares methods by FID (sample quality) and LPIPS (fidelity to the target). Offline we
-have neither network, so the stand-ins are multi-scale SWD over image patches (a distribution
-distance that needs no pretrained network; lower is better) for FID and PSNR / SSIM for LPIPS
-(higher is better). FID / LPIPS columns appear when the run had their weight files. A claim
-"holds" when the method is better on both PSNR and SWD, is "mixed" when on one, and "does not
-hold" when on neither.
+The files are ``<results>/<method>/curve.json`` (seed 0's training curve and the budget read off
+it) and ``<results>/<method>/seed<k>.json`` (the final run of training seed k), written by
+``codi_jax.experiments``. Statistics: per method, sampler and step count the mean and the sample
+standard deviation over training seeds. A claim "a beats b" is judged per metric on the difference
+of the means (oriented so that positive favours a) against its standard error
+SE = sqrt(s_a²/n_a + s_b²/n_b): it **holds** above 2 SE, **does not hold** below −2 SE, and is
+**inconclusive** between. A one-seed side (the ablations) takes the CoDi runs' seed variance as its
+own (said in the table). The paper compares by FID and LPIPS; offline the stand-ins are multi-scale
+SWD (a distribution distance without a pretrained network; lower is better) and PSNR / SSIM;
+FID / LPIPS columns appear when the runs had weight files.
 """
 
 from __future__ import annotations
 
 import datetime
+import glob
+import json
+import math
 import os
-from typing import Any
+from typing import Sequence
 
-
-# (variant, sampler) → line label, for the main comparison (Table 1, Fig. 6).
-METHODS = (("teacher", "ddim", "Fine-tuned teacher, DDIM"),
-           ("teacher", "dpmpp", "Fine-tuned teacher, DPM-Solver++"),
-           ("codi", "codi", "CoDi"),
-           ("pe_codi", "codi", "PE-CoDi"),
-           ("cm", "cm", "CM"),
-           ("gd", "ddim", "GD, deterministic"),
-           ("gd", "stochastic", "GD, stochastic"),
-           ("flash", "flash", "Flash Diffusion"),
-           ("flash_lora", "flash", "Flash Diffusion, LoRA r8"),
-           ("lora_codi", "codi", "LoRA-CoDi, r8"),
-           ("codi_2x", "codi", "CoDi, 2x steps (the teacher's + CM's)"))
-# The §5.1 ablations (Figs. 3, 5), each a CoDi run with one switch changed.
-ABLATIONS = (("codi", "codi", "CoDi (pretrained, single t, CG, PREv, latent l2)"),
-             ("random_init", "codi", "random init"),
-             ("sample_t", "codi", "t per sample"),
-             ("no_cg", "codi", "no CG"),
-             ("predictor_ddim", "codi", "DDIM-v predictor"),
-             ("predictor_teacher", "codi", "teacher predictor"),
-             ("cg_perceptual", "codi", "perceptual CG"),
-             ("codi_seed1", "codi", "CoDi, training seed 1 (the seed spread)"))
 METRICS = ("psnr", "ssim", "swd", "lpips", "dists", "fid")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "swd": False, "lpips": False, "dists": False, "fid": False}
+CLAIM_METRICS = ("psnr", "swd")
 CLAIM_STEPS = 4
 
+# The Table-1 methods and the §5.1 ablations, in the report's order (method names of experiments).
+METHODS = ("teacher", "codi", "pe_codi", "lora_codi", "cm", "gd", "flash", "flash_lora", "codi_2x")
+ABLATIONS = ("codi", "random_init", "sample_t", "batch64", "sample_t_batch64", "no_cg", "predictor_ddim",
+             "predictor_teacher", "consistency_x", "cg_image_l2", "cg_perceptual")
 
-def _entry(summaries: dict, variant: str, sampler: str, steps: int) -> dict | None:
-    s = summaries.get(variant)
-    if s is None:
+# (claim, a, b, a's steps, b's steps): "a beats b", each at its best sampler.
+CLAIMS = (
+    ("CoDi@4 beats the fine-tuned teacher@4", "codi", "teacher", 4, 4),
+    ("CoDi@4 beats the fine-tuned teacher@50", "codi", "teacher", 4, 50),
+    ("CoDi@1 beats the fine-tuned teacher@4", "codi", "teacher", 1, 4),
+    ("CoDi beats CM", "codi", "cm", 4, 4),
+    ("CoDi beats GD", "codi", "gd", 4, 4),
+    ("CoDi beats Flash Diffusion (not a claim of the paper, which predates it)", "codi", "flash", 4, 4),
+    ("Control: CoDi with the teacher's steps added beats CM", "codi_2x", "cm", 4, 4),
+    ("Control: CoDi with the teacher's steps added beats GD", "codi_2x", "gd", 4, 4),
+    ("Control: CoDi with the teacher's steps added beats Flash", "codi_2x", "flash", 4, 4),
+    ("CoDi beats PE-CoDi (the paper: PE-CoDi close behind)", "codi", "pe_codi", 4, 4),
+    ("CoDi beats LoRA-CoDi (parameter efficiency's cost)", "codi", "lora_codi", 4, 4),
+    ("Pretrained init beats random init", "codi", "random_init", 4, 4),
+    ("CG beats no CG", "codi", "no_cg", 4, 4),
+    ("PREv predictor beats the DDIM-v predictor", "codi", "predictor_ddim", 4, 4),
+    ("PREv predictor beats the teacher predictor", "codi", "predictor_teacher", 4, 4),
+    ("A single t per batch beats a t per sample, batch 16", "codi", "sample_t", 4, 4),
+    ("A single t per batch beats a t per sample, batch 64", "batch64", "sample_t_batch64", 4, 4),
+    ("ε-space consistency (the paper) beats x-space (the public code)", "codi", "consistency_x", 4, 4),
+    ("Latent-l2 CG beats pixel-l2 CG through the decoder", "codi", "cg_image_l2", 4, 4),
+    ("Latent-l2 CG beats perceptual (LPIPS) CG", "codi", "cg_perceptual", 4, 4),
+)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def load(results: str) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """(final runs by method, sorted by seed; curves by method) from the files under ``results``."""
+    runs: dict[str, list[dict]] = {}
+    curves: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(results, "*", "*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        name = os.path.basename(os.path.dirname(path))
+        if os.path.basename(path) == "curve.json":
+            curves[name] = record
+        elif os.path.basename(path).startswith("seed"):
+            runs.setdefault(name, []).append(record)
+    for records in runs.values():
+        records.sort(key=lambda r: r["seed"])
+    return runs, curves
+
+
+def samplers_of(records: Sequence[dict]) -> list[str]:
+    """The raw samplers a method was scored with (not their "+colorfix" variants)."""
+    return [s for s in records[0]["results"]["samplers"] if "+" not in s]
+
+
+def stats(records: Sequence[dict], sampler: str, steps: int, metric: str) -> tuple[float, float | None, int] | None:
+    """(mean, sample std or None for one seed, n) of ``metric`` over the seeds."""
+    values = [r["results"]["samplers"].get(sampler, {}).get(str(steps), {}).get(metric) for r in records]
+    values = [v for v in values if v is not None]
+    if not values:
         return None
-    return s["results"].get("samplers", {}).get(sampler, {}).get(str(steps))
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std, n
+
+
+def best_sampler(records: Sequence[dict], steps: int) -> str | None:
+    """The sampler with the highest mean PSNR at ``steps`` (each method at its best)."""
+    scored = [(stats(records, s, steps, "psnr"), s) for s in samplers_of(records)]
+    scored = [(st[0], s) for st, s in scored if st is not None]
+    return max(scored)[1] if scored else None
+
+
+def verdict(diff: float, se: float | None) -> str:
+    if se is None or se == 0:
+        return "inconclusive (no seed spread)"
+    return "holds" if diff > 2 * se else "does not hold" if diff < -2 * se else "inconclusive"
+
+
+def judge(runs: dict[str, list[dict]], a: str, b: str, a_steps: int, b_steps: int) -> dict | None:
+    """Per claim metric: the oriented difference, its SE and the verdict; None if a side is missing."""
+    if a not in runs or b not in runs:
+        return None
+    sa, sb = best_sampler(runs[a], a_steps), best_sampler(runs[b], b_steps)
+    if sa is None or sb is None:
+        return None
+    out = {"samplers": (sa, sb), "n": (len(runs[a]), len(runs[b]))}
+    codi = runs.get("codi", [])
+    codi_sampler = best_sampler(codi, a_steps) if codi else None
+    for m in CLAIM_METRICS:
+        ea, eb = stats(runs[a], sa, a_steps, m), stats(runs[b], sb, b_steps, m)
+        if ea is None or eb is None:
+            continue
+        spread = stats(codi, codi_sampler, a_steps, m) if codi_sampler else None
+        fallback = spread[1] if spread else None
+        sd_a = ea[1] if ea[1] is not None else fallback
+        sd_b = eb[1] if eb[1] is not None else fallback
+        sign = 1.0 if HIGHER_IS_BETTER[m] else -1.0
+        diff = sign * (ea[0] - eb[0])
+        se = math.sqrt(sd_a ** 2 / ea[2] + sd_b ** 2 / eb[2]) if sd_a is not None and sd_b is not None else None
+        out[m] = {"a": ea[0], "b": eb[0], "diff": diff, "se": se, "verdict": verdict(diff, se),
+                  "borrowed": ea[1] is None or eb[1] is None}
+    return out
+
+
+# ------------------------------------------------------------------------------------ writing
 
 
 def _fmt(v: float | None, metric: str) -> str:
@@ -54,87 +141,76 @@ def _fmt(v: float | None, metric: str) -> str:
     return f"{v:.4f}" if metric in ("swd", "lpips", "dists", "ssim") else f"{v:.2f}"
 
 
-def compare(a: dict | None, b: dict | None) -> tuple[str, str]:
-    """(verdict, numbers) for "a is better than b" on PSNR and SWD."""
-    if a is None or b is None:
-        return "not run", "one side has no result"
-    wins = [(a[m] > b[m]) == HIGHER_IS_BETTER[m] for m in ("psnr", "swd")]
-    verdict = {2: "holds", 1: "mixed", 0: "does not hold"}[sum(wins)]
-    numbers = ", ".join(f"{m.upper()} {_fmt(a[m], m)} vs {_fmt(b[m], m)}" for m in ("psnr", "ssim", "swd")
-                        if m in a and m in b)
-    return verdict, numbers
+def _mean_std(st: tuple | None, metric: str) -> str:
+    if st is None:
+        return "—"
+    mean, std, n = st
+    return _fmt(mean, metric) + (f" ± {_fmt(std, metric)}" if std is not None else "") + ("" if n > 1 else " (1)")
 
 
-def claims(summaries: dict) -> list[tuple[str, str, str]]:
-    """(claim, verdict, numbers at 4 steps unless stated) for each of the paper's claims."""
-    n = CLAIM_STEPS
-    codi = _entry(summaries, "codi", "codi", n)
-    rows = []
-
-    def add(text, a, b):
-        rows.append((text, *compare(a, b)))
-
-    add("CoDi@4 beats the fine-tuned teacher@4 with DDIM", codi, _entry(summaries, "teacher", "ddim", n))
-    add("CoDi@4 beats the fine-tuned teacher@4 with DPM-Solver++", codi,
-        _entry(summaries, "teacher", "dpmpp", n))
-    add("CoDi@4 beats the fine-tuned teacher@50 (DDIM)", codi, _entry(summaries, "teacher", "ddim", 50))
-    add("CoDi@4 beats the fine-tuned teacher@50 (DPM-Solver++)", codi,
-        _entry(summaries, "teacher", "dpmpp", 50))
-    add("Pretrained init beats random init", codi, _entry(summaries, "random_init", "codi", n))
-    add("CG beats no CG", codi, _entry(summaries, "no_cg", "codi", n))
-    add("PREv predictor beats the DDIM-v predictor", codi, _entry(summaries, "predictor_ddim", "codi", n))
-    add("PREv predictor beats the teacher predictor", codi,
-        _entry(summaries, "predictor_teacher", "codi", n))
-    add("A single t per batch beats a t per sample", codi, _entry(summaries, "sample_t", "codi", n))
-    add("CoDi beats PE-CoDi (PE-CoDi close behind: see the gap)", codi,
-        _entry(summaries, "pe_codi", "codi", n))
-    add("CoDi beats CM", codi, _entry(summaries, "cm", "cm", n))
-    add("CoDi beats GD (deterministic sampler)", codi, _entry(summaries, "gd", "ddim", n))
-    add("CoDi beats GD (stochastic sampler)", codi, _entry(summaries, "gd", "stochastic", n))
-    add("CoDi beats Flash Diffusion (not a claim of the paper, which predates it)", codi,
-        _entry(summaries, "flash", "flash", n))
-    add("CoDi beats LoRA-CoDi (parameter efficiency's cost, as for PE-CoDi)", codi,
-        _entry(summaries, "lora_codi", "codi", n))
-    codi_2x = _entry(summaries, "codi_2x", "codi", n)
-    add("Control: CoDi with CM's total training steps beats CM", codi_2x, _entry(summaries, "cm", "cm", n))
-    add("Control: CoDi with GD's total training steps beats GD (stochastic)", codi_2x,
-        _entry(summaries, "gd", "stochastic", n))
-    add("Control: seed 0 vs seed 1 of CoDi (a verdict here is noise)", codi,
-        _entry(summaries, "codi_seed1", "codi", n))
-    add("Latent-l2 CG beats perceptual (LPIPS) CG", codi, _entry(summaries, "cg_perceptual", "codi", n))
-    return rows
+def _label(runs: dict, name: str) -> str:
+    return runs[name][0]["label"] if name in runs else name
 
 
-def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict | None) -> bool:
-    """Metric vs sampling steps, one line per (variant, sampler), like the paper's Fig. 5.
-    Returns whether there was anything to plot (nothing is written otherwise)."""
+def _metrics_present(runs: dict) -> list[str]:
+    return [m for m in METRICS if any(m in e for rs in runs.values() for r in rs
+                                      for d in r["results"]["samplers"].values() for e in d.values())]
+
+
+def table(runs: dict, names: Sequence[str], steps_filter: set[int] | None = None,
+          best_only: bool = False) -> list[str]:
+    metrics = _metrics_present(runs)
+    out = ["| method | trainable params | train steps | seeds | sampler | steps | "
+           + " | ".join(m.upper() for m in metrics) + " |", "|" + "---|" * (6 + len(metrics))]
+    for name in names:
+        records = runs.get(name)
+        if not records:
+            continue
+        params = records[0]["results"].get("trainable_params")
+        steps = sorted({int(k) for s in samplers_of(records) for k in records[0]["results"]["samplers"][s]})
+        for n in steps:
+            if steps_filter and n not in steps_filter:
+                continue
+            for sampler in ([best_sampler(records, n)] if best_only else samplers_of(records)):
+                if stats(records, sampler, n, "psnr") is None:
+                    continue
+                out.append(f"| {_label(runs, name)} | {params / 1e6:.2f} M | {records[0]['train_steps']} | "
+                           f"{len(records)} | {sampler} | {n} | "
+                           + " | ".join(_mean_std(stats(records, sampler, n, m), m) for m in metrics) + " |")
+    return out
+
+
+def plot_steps(runs: dict, names: Sequence[str], path: str, title: str, condition: dict | None) -> bool:
+    """Metric vs sampling steps (≤ 8), each method at its best sampler, error bars = seed std
+    (Fig. 5's layout). Returns whether anything was plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in METRICS if any(m in e for v, s, _ in lines
-                                       for e in summaries.get(v, {}).get("results", {})
-                                       .get("samplers", {}).get(s, {}).values())]
-    if not shown:
+    names = [n for n in names if n in runs]
+    metrics = [m for m in _metrics_present(runs) if m != "fid"]
+    if not names or not metrics:
         return False
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown) + 2.8, 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], shown):
-        for variant, sampler, label in lines:
-            entries = summaries.get(variant, {}).get("results", {}).get("samplers", {}).get(sampler, {})
-            pts = sorted((int(k), e[metric]) for k, e in entries.items() if metric in e and int(k) <= 8)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 2.8, 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name in names:
+            pts = []
+            for n in (1, 2, 4, 8):
+                s = best_sampler(runs[name], n)
+                st = stats(runs[name], s, n, metric) if s else None
+                if st:
+                    pts.append((n, st[0], st[1] or 0.0))
             if pts:
-                line, = ax.plot(*zip(*pts), marker="o", label=label)
-                if metric in entries.get("50", {}):  # a teacher's 50-step reference, as in Table 1
-                    ax.axhline(entries["50"][metric], color=line.get_color(), linestyle=":",
-                               label=f"{label}, 50 steps")
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=_label(runs, name))
         if condition and metric in condition:
             ax.axhline(condition[metric], color="gray", linestyle="--", label="bicubic input")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
         ax.set_xlabel("sampling steps")
         ax.set_title(f"{metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside, not over
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -142,100 +218,131 @@ def plot(summaries: dict, lines: tuple, path: str, title: str, condition: dict |
     return True
 
 
-def _table(summaries: dict, lines: tuple, steps_filter=None) -> list[str]:
-    metrics = [m for m in METRICS if any(m in e for v in summaries.values()
-                                         for d in v["results"].get("samplers", {}).values()
-                                         for e in d.values())]
-    head = "| method | trainable params | train steps | sampler steps | " + " | ".join(
-        m.upper() for m in metrics) + " |"
-    out = [head, "|" + "---|" * (4 + len(metrics))]
-    for variant, sampler, label in lines:
-        s = summaries.get(variant)
-        if s is None:
+def plot_curves(curves: dict, labels: dict, path: str) -> bool:
+    """4-step PSNR (own sampler) against training steps, one line per curve, budgets marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    for name, c in curves.items():
+        pts = [(p["step"], p["psnr@4"]) for p in c["points"] if "psnr@4" in p]
+        if not pts:
             continue
-        params = s["results"].get("trainable_params")
-        for k, e in sorted(s["results"].get("samplers", {}).get(sampler, {}).items(), key=lambda kv: int(kv[0])):
-            if steps_filter and int(k) not in steps_filter:
-                continue
-            out.append(f"| {label} | {params / 1e6:.2f} M | {s['train_steps']} | {k} | "
-                       + " | ".join(_fmt(e.get(m), m) for m in metrics) + " |")
-    return out
+        line, = ax.plot(*zip(*pts), marker=".", label=f"{labels.get(name, name)} ({c['sampler']})")
+        ax.plot([c["budget"]], [dict(pts)[c["budget"]]], marker="o", markersize=10, fillstyle="none",
+                color=line.get_color())
+    ax.set_xlabel("training steps (batch 16 unless the label says)")
+    ax.set_ylabel("4-step PSNR, dB")
+    ax.set_title("Training curves of seed 0 (circles: the budget read off each)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
-def write(summaries: dict[str, Any], path: str, *, command: str, commit: str, wall_time_s: float,
-          smoke: bool = False) -> str:
-    """Writes the report and its plots (``<stem>_methods.png``, ``<stem>_ablations.png``, each
-    when it has something to show)."""
+def write(results: str, path: str, *, command: str, commit: str, smoke: bool = False,
+          missing: Sequence[str] = (), protocol: str = "") -> str:
+    """Writes the report and its figures (``<stem>_curves.png``, ``_methods.png``,
+    ``_ablations.png``, each when it has something to show); keeps the hand-written discussion."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    runs, curves = load(results)
     stem = os.path.splitext(path)[0]
-    condition = next((s["results"].get("condition") for s in summaries.values()
-                      if s["results"].get("condition")), None)
-    figures = [name for name, lines, title in (
-        ("methods", METHODS, "Methods (Table 1 / Fig. 6 comparison)"),
-        ("ablations", ABLATIONS, "CoDi ablations (Figs. 3, 5)"))
-        if plot(summaries, lines, f"{stem}_{name}.png", title, condition)]
-    not_computed = next((s["results"]["not_computed"] for s in summaries.values()
-                         if s["results"].get("not_computed")), {})
+    base = os.path.basename(stem)
+    rel = os.path.relpath(results, os.path.dirname(os.path.abspath(path)))
+    condition = next((rs[0]["results"].get("condition") for rs in runs.values()
+                      if rs[0]["results"].get("condition")), None)
+    labels = {name: _label(runs, name) for name in runs}
+    figures = []
+    if plot_curves(curves, labels, f"{stem}_curves.png"):
+        figures.append("curves")
+    for name, names, title in (("methods", METHODS, "Methods (Table 1), each at its best sampler"),
+                               ("ablations", ABLATIONS, "CoDi ablations (§5.1)")):
+        if plot_steps(runs, names, f"{stem}_{name}.png", title, condition):
+            figures.append(name)
+    all_runs = [r for rs in runs.values() for r in rs]
+    hours = (sum(r["wall_time_s"] for r in all_runs) + sum(c["wall_time_s"] for c in curves.values())) / 3600
+    not_computed = next((r["results"]["not_computed"] for r in all_runs if r["results"].get("not_computed")), {})
+    setup = all_runs[0]["setup"] if all_runs else None
     lines = [
         "# Results: the paper's comparisons, reproduced at small scale on this code",
         "",
         *(["**SMOKE RUN: a few training steps per method; these numbers check the pipeline and say "
            "nothing about the claims.**", ""] if smoke else []),
-        f"- Command: `{command}`",
+        f"- Command: `{command}` (runs what is missing, then rewrites this page from `{rel}/`)",
         f"- Commit: `{commit}`; written {datetime.date.today().isoformat()}",
-        f"- Wall time: {wall_time_s / 60:.1f} min in all "
-        "(" + ", ".join(f"{k} {v['wall_time_s'] / 60:.1f}" for k, v in summaries.items()) + " min)",
-        _setup_line(summaries),
-        "- Metrics: PSNR / SSIM (dm-pix) against the high-resolution target; SWD = multi-scale "
-        "sliced Wasserstein distance between patch distributions of the samples and of the targets "
-        "(no pretrained network; it stands in for FID). " + (
-            "FID / LPIPS: not computed (" + "; ".join(not_computed.values()) + ")."
-            if not_computed else "FID / LPIPS from the supplied weight files."),
-        "",
-        *(f"![{name}]({os.path.basename(stem)}_{name}.png)" for name in figures),
-        "",
-        f"## The claims, at {CLAIM_STEPS} sampling steps",
-        "",
-        "A claim holds when the first method is better on both PSNR and SWD, is mixed when on one.",
-        "",
-        "| claim | here | numbers (first vs second) |",
-        "|---|---|---|",
+        f"- Finished: {len(all_runs)} final runs and {len(curves)} curves, {hours:.1f} h of wall time "
+        "as recorded by each run (the machine each ran on is in its file's commit and setup).",
+        "- Missing: " + (", ".join(missing) if missing else "nothing") + ".",
     ]
-    lines += [f"| {c} | {v} | {n} |" for c, v, n in claims(summaries)]
-    lines += ["", "## Table 1 (4 steps; the teacher also at 50)", ""]
-    lines += _table(summaries, METHODS, steps_filter={4, 50})
+    if setup:
+        lines.append(
+            f"- Setup: teacher `{setup['teacher']}`, SR ×4 ({setup['degradation']} degradation) on "
+            f"{setup['image_size']}×{setup['image_size']} crops of the `{setup['source']}` pictures; "
+            f"evaluated on {setup['eval_examples']} crops of the held-out pictures ("
+            f"{', '.join(setup['eval_splits'])}), with the same initial noise for every run.")
+    if protocol:
+        lines.append(f"- Protocol: {protocol}")
+    lines += [
+        "- Metrics: PSNR / SSIM (dm-pix) against the high-resolution target; SWD = multi-scale sliced "
+        "Wasserstein distance between patch distributions of samples and targets (it stands in for "
+        "FID). " + ("FID / LPIPS: not computed (" + "; ".join(not_computed.values()) + ")."
+                    if not_computed else "FID / LPIPS from the supplied weight files."),
+        "- Verdicts: per metric, the difference of the seed means against its standard error; holds "
+        "above 2 SE in the paper's direction, does not hold below −2 SE, inconclusive between. A "
+        "one-seed side borrows CoDi's seed variance (marked †).",
+        "",
+        *(f"![{name}]({base}_{name}.png)" for name in figures),
+        "",
+        "## Budgets (seed 0's curves)",
+        "",
+        "| method | sampler | 4-step PSNR at each evaluated step | budget |",
+        "|---|---|---|---|",
+    ]
+    for name, c in curves.items():
+        pts = ", ".join(f"{p['step']}: {p['psnr@4']:.2f}" for p in c["points"] if "psnr@4" in p)
+        rule = "" if c["flattened"] else " (the cap, still rising)"
+        lines.append(f"| {labels.get(name, name)} | {c['sampler']} | {pts} | {c['budget']}{rule} |")
+    lines += ["", f"## The claims (each side at its best sampler)", "",
+              "| claim | samplers | seeds | " + " | ".join(f"{m.upper()}: a vs b, diff ± SE, verdict"
+                                                        for m in CLAIM_METRICS) + " |",
+              "|---|---|---|" + "---|" * len(CLAIM_METRICS)]
+    for text, a, b, na, nb in CLAIMS:
+        j = judge(runs, a, b, na, nb)
+        if j is None:
+            lines.append(f"| {text} | — | — | " + " | ".join("not run" for _ in CLAIM_METRICS) + " |")
+            continue
+        cells = []
+        for m in CLAIM_METRICS:
+            e = j.get(m)
+            if e is None:
+                cells.append("—")
+                continue
+            se = "?" if e["se"] is None else _fmt(e["se"], m) + ("†" if e["borrowed"] else "")
+            cells.append(f"{_fmt(e['a'], m)} vs {_fmt(e['b'], m)}, {e['diff']:+.4g} ± {se}, **{e['verdict']}**")
+        lines.append(f"| {text} | {j['samplers'][0]} / {j['samplers'][1]} | {j['n'][0]} / {j['n'][1]} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "## Table 1 (each method at its best sampler; 1 and 4 steps, the teacher also at 50)", ""]
+    lines += table(runs, METHODS, steps_filter={1, 4, 50}, best_only=True)
     if condition:
         lines += ["", "Bicubic-upsampled input: " + ", ".join(
             f"{m.upper()} {_fmt(condition[m], m)}" for m in METRICS if m in condition)]
-    lines += ["", "## Every method and step count", ""]
-    lines += _table(summaries, METHODS)
-    lines += ["", "## Ablations, every step count", ""]
-    lines += _table(summaries, ABLATIONS)
+    lines += ["", "## Every method, sampler and step count (mean ± std over seeds; (1) = one seed)", ""]
+    lines += table(runs, METHODS)
+    lines += ["", "## Ablations, every sampler and step count", ""]
+    lines += table(runs, [n for n in ABLATIONS if n != "codi"])
+    samples = [n for n in (*METHODS, *ABLATIONS) if os.path.exists(os.path.join(results, n, "samples.png"))]
+    if samples:
+        lines += ["", "## Samples (seed 0, held-out crops: input, each sampler and step count, original)", ""]
+        lines += [f"- [{_label(runs, n)}]({rel}/{n}/samples.png)" for n in dict.fromkeys(samples)]
     lines += ["", _discussion(path)]
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
-
-
-def _setup_line(summaries: dict[str, Any]) -> str:
-    """The run settings, as the runs recorded them (``experiments.run_setup``)."""
-    setups = [s["setup"] for s in summaries.values() if "setup" in s]
-    if not setups:
-        return "- Setup: not recorded by these runs."
-    s = setups[0]
-    same = all(other == s for other in setups)
-    steps = sorted({v["train_steps"] for v in summaries.values()})
-    teacher, target = s["gd_steps"]
-    return (f"- Setup: teacher `{s['teacher']}`, SR ×4 ({s['degradation']} degradation) on "
-            f"{s['image_size']}×{s['image_size']} crops of the `{s['source']}` pictures; batch "
-            f"{s['batch_size']}, seed {s['seed']}, the same data order for every method; "
-            f"{', '.join(map(str, steps))} training steps; evaluated on {s['eval_examples']} examples of "
-            f"{', '.join(s['eval_splits'])} with the same initial noise"
-            + ("" if same else " (settings differ between variants: see each summary.json)")
-            + f". CM and GD start from the fine-tuned teacher, so they also use its training steps; GD "
-            f"splits its budget over the rounds {teacher} → {target} steps. Controls: `codi_2x` trains "
-            "twice as long (the teacher's steps plus CM's), `codi_seed1` is CoDi with another "
-            "training seed (the seed-to-seed spread).")
 
 
 DISCUSSION = "## Discussion"

@@ -2,9 +2,11 @@
 
 ``SAMPLERS``: CoDi's few-step sampler on the teacher grid (``codi``), DDIM and DPM-Solver++ on the
 teacher's training grid (``ddim``, ``dpmpp``: teachers and GD students), GD's stochastic N-step
-sampler (``stochastic``), the consistency model's multistep sampler (``cm``) and Flash
-Diffusion's (``flash``: x̂ re-noised with fresh noise between steps on its K grid). The evaluation
-and anything that runs a model on pictures share this registry.
+sampler (``stochastic``), the consistency model's multistep sampler (``cm``) and its deterministic
+counterpart (``cm_ddim``), and the plain denoiser's x̂ re-noised with fresh noise between steps on
+the model's grid (``renoise``: Flash Diffusion's sampler, and the stochastic multistep sampler of
+any distilled model). The evaluation and anything that runs a model on pictures share this
+registry.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from codi_jax import diffusion
 from codi_jax.distill import CMLossConfig, make_cm_denoiser
 from codi_jax.modeling import Student
 
-SAMPLERS = ("codi", "ddim", "dpmpp", "stochastic", "cm", "flash")
+SAMPLERS = ("codi", "ddim", "dpmpp", "stochastic", "cm", "cm_ddim", "renoise")
 
 
 def sampling_grid(sampler_name: str, student: Student, grid: int) -> int | None:
@@ -53,13 +55,15 @@ def sampler(name: str, student: Student, grid: int, cm: CMLossConfig) -> Callabl
         "stochastic": deterministic(lambda d, z, n, rng: diffusion.stochastic_sample(
             d, z, schedule, n, rng, train_grid)),
         # CM students: their boundary-parametrized consistency function, multistep sampling on
-        # the CM grid.
+        # the CM grid, or DDIM steps through it.
         "cm": lambda model_fn, z, n, rng: diffusion.consistency_sample(
             make_cm_denoiser(model_fn, schedule, prediction_type, cm), z, schedule,
             diffusion.timesteps(n, cm.grid), rng),
-        # Flash students: the plain denoiser, re-noised between steps (as LCM's scheduler does)
-        # on the K grid it trained on (``grid`` is flash.num_timesteps for it).
-        "flash": lambda model_fn, z, n, rng: diffusion.consistency_sample(
+        "cm_ddim": lambda model_fn, z, n, rng: diffusion.codi_sample(
+            make_cm_denoiser(model_fn, schedule, prediction_type, cm), z, schedule, n, cm.grid),
+        # The plain denoiser re-noised between steps (as LCM's scheduler does) on the grid the
+        # model distilled on (``grid``: Flash's K, CoDi's teacher grid).
+        "renoise": lambda model_fn, z, n, rng: diffusion.consistency_sample(
             diffusion.make_denoiser(model_fn, schedule, prediction_type), z, schedule,
             diffusion.timesteps(n, grid), rng),
     }

@@ -386,7 +386,7 @@ def checkpoint_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.Chec
 # The config keys a resumed run must share with the run that wrote the checkpoint: they fix the
 # state's structure, the objective, the model or the data order. Anything else (train.num_steps,
 # the learning rate, evaluation and logging settings) may change between a stop and a resume.
-RESUME_KEYS = ("seed", "objective", "model.pretrained", "model.unet_config", "model.vae",
+RESUME_KEYS = ("seed", "data.seed", "objective", "model.pretrained", "model.unet_config", "model.vae",
                "model.init", "model.adapter", "model.trainable", "model.per_level_mu", "model.mu_knots",
                "model.guidance_input", "model.cond_input", "model.hint_channels", "model.prediction_type",
                "model.conditional_teacher", "model.vae_config", "model.lora_rank", "model.lora_convs",
@@ -710,7 +710,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     report = periodic_actions.ReportProgress(num_train_steps=cfg.train.num_steps, writer=writer)
     preempted = PreemptionFlag()
     batches = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
-                                           seed=cfg.seed, start_step=start)
+                                           seed=cfg.data.seed, start_step=start)
     samplers = JittedSamplers(student)  # compiled once for every evaluation of this run
     pending = None  # metrics of the previous step, fetched one step late to keep the device busy
     try:
@@ -754,7 +754,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if cfg.eval.num_examples > 0:
         results = evaluate_all(cfg, student, state, frozen, aux, workdir, writer, online=cfg.eval.online,
                                samplers=samplers)
-    results["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state["params"])))
+    results["trainable_params"] = trainable_count(state)
     if cfg.export:
         if jax.process_count() > 1:
             # fsdp may split parameters (and the placed VAE, which a teacher without a pipeline
@@ -767,6 +767,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             export(student, params, os.path.join(workdir, "export"), cfg)
     writer.flush()
     return results
+
+
+def trainable_count(state: dict) -> int:
+    """How many parameters the run trains (PE-CoDi's and LoRA's counts against CoDi's)."""
+    return int(sum(x.size for x in jax.tree.leaves(state["params"])))
 
 
 def final_params(state: dict, frozen: dict, weights: str = "ema") -> dict:
@@ -802,27 +807,40 @@ def evaluate_all(cfg: ml_collections.ConfigDict, student: Student, state: dict, 
     return out
 
 
-def _restore_for(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, dict]:
-    """The setup of ``cfg`` and the newest checkpoint of ``workdir`` (``mode=eval`` / ``export``)."""
+def _restore_for(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> tuple[Setup, dict]:
+    """The setup of ``cfg`` and the checkpoint of ``workdir`` at ``step`` (default: the newest)."""
     check_resumable(workdir, cfg)
     parts = setup(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
-    restored = restore_latest(checkpoint_manager(workdir, cfg), parts.abstract_state())
+    mgr = checkpoint_manager(workdir, cfg)
+    if step is None:
+        restored = restore_latest(mgr, parts.abstract_state())
+    elif step in mgr.all_steps():
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+            parts.abstract_state()))).state
+    else:
+        raise FileNotFoundError(f"no checkpoint of step {step} under {workdir}/checkpoints "
+                                f"(it has {sorted(mgr.all_steps())})")
     if restored is None:
         raise FileNotFoundError(f"mode={cfg.mode}: no restorable checkpoint under {workdir}/checkpoints")
     return parts, restored
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """``mode=eval``: evaluates the latest checkpoint of ``workdir``."""
-    parts, restored = _restore_for(cfg, workdir)
-    return evaluate_all(cfg, parts.student, restored, parts.frozen, parts.aux, workdir, online=cfg.eval.online)
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                        out: str | None = None) -> dict:
+    """``mode=eval``: evaluates the checkpoint of ``workdir`` at ``step`` (default: the newest),
+    writing the results to ``out`` (default: ``workdir``)."""
+    parts, restored = _restore_for(cfg, workdir, step)
+    results = evaluate_all(cfg, parts.student, restored, parts.frozen, parts.aux, out or workdir,
+                           online=cfg.eval.online)
+    return dict(results, trainable_params=trainable_count(restored))
 
 
-def export_checkpoint(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """``mode=export``: writes ``workdir/export`` from the latest checkpoint's evaluation EMA
-    (single process)."""
-    parts, restored = _restore_for(cfg, workdir)
-    return export(parts.student, final_params(restored, parts.frozen), os.path.join(workdir, "export"), cfg)
+def export_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                      out: str | None = None) -> str:
+    """``mode=export``: writes ``<out or workdir>/export`` from the evaluation EMA of the checkpoint
+    at ``step`` (default: the newest; single process)."""
+    parts, restored = _restore_for(cfg, workdir, step)
+    return export(parts.student, final_params(restored, parts.frozen), os.path.join(out or workdir, "export"), cfg)
 
 
 def _log_compiled(cost: throughput.StepCost, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

@@ -2,6 +2,8 @@
 rounds (the round's teacher lives in the checkpointed state) resume bitwise across a boundary;
 the reproduction's pipeline runs end to end on a smoke budget."""
 
+import dataclasses
+import glob
 import os
 import shutil
 
@@ -71,13 +73,13 @@ def test_flash_trains_student_and_discriminator_and_resumes_bitwise(conditional_
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
     cfg = _baseline_config("flash", conditional_teacher)
     cfg.flash.num_timesteps, cfg.flash.teacher_steps = 8, 2
-    cfg.eval.samplers, cfg.eval.steps, cfg.eval.num_examples = ("flash",), (1, 2), 8
+    cfg.eval.samplers, cfg.eval.steps, cfg.eval.num_examples = ("renoise",), (1, 2), 8
     cfg.export = True
     results = train.train_and_evaluate(cfg, whole)
-    assert set(results["samplers"]["flash"]) == {"1", "2"}
+    assert set(results["samplers"]["renoise"]) == {"1", "2"}
     # The export records Flash's sampler and grid; predict follows them (the picture is two tiles).
     p = predict.load_predictor(os.path.join(whole, "export"))
-    assert (p.sampler, p.grid) == ("flash", 8)
+    assert (p.sampler, p.grid) == ("renoise", 8)
     out = predict.predict(p, np.zeros((16, 24, 3), np.float32), steps=2, seed=0, tile=16, overlap=8, batch=2)
     assert out.shape == (16, 24, 3) and np.all(np.isfinite(out))
     cfg.export = False
@@ -111,35 +113,77 @@ def test_gd_rounds_split_the_steps_as_evenly_as_integers_allow():
         train.train_and_evaluate(cfg, "/nonexistent-never-written")
 
 
-def test_reproduction_smoke_runs_the_baselines_and_writes_the_report(tmp_path):
-    """The reproduction on its smoke budget, for the variants whose code paths differ from the
-    CoDi run of the end-to-end test: the fine-tuned teacher, CM from it, GD's rounds from it."""
-    wanted = {"teacher", "cm", "gd"}
-    variants = [v for v in experiments.VARIANTS if v.name in wanted]
-    summaries = experiments.run_all(str(tmp_path / "runs"), variants, smoke=True)
-    assert set(summaries) == wanted
-    # SR: each sampler is also scored after the colour fix.
-    assert set(summaries["teacher"]["results"]["samplers"]) == {"ddim", "dpmpp", "ddim+colorfix", "dpmpp+colorfix"}
-    assert set(summaries["gd"]["results"]["samplers"]) == {"ddim", "stochastic", "ddim+colorfix",
-                                                            "stochastic+colorfix"}
-    for s in summaries.values():
-        for entries in s["results"]["samplers"].values():
-            for e in entries.values():
-                assert np.isfinite([e["psnr"], e["ssim"], e["swd"]]).all()
-        assert "fid" in s["results"]["not_computed"] and "lpips" in s["results"]["not_computed"]
-    # Rerunning finds every variant done (summary.json) and trains nothing.
-    again = experiments.run_all(str(tmp_path / "runs"), variants, smoke=True)
-    assert again == summaries
-    path = report.write(summaries, str(tmp_path / "results.md"), command="cmd", commit="abc",
-                        wall_time_s=1.0, smoke=True)
+def test_reproduction_smoke_curves_budgets_seeds_files_and_report(tmp_path):
+    """The reproduction's protocol on its smoke budget, for the variants whose code paths differ
+    from the CoDi run of the end-to-end test: the fine-tuned teacher (two seeds: seed 0 from its
+    curve's checkpoint, seed 1 trained to the budget), CM from it, GD (the cap)."""
+    by = experiments.BY_NAME
+    variants = [dataclasses.replace(by["teacher"], seeds=2), dataclasses.replace(by["cm"], seeds=1),
+                dataclasses.replace(by["gd"], seeds=1)]
+    results = str(tmp_path / "results")
+    repro = experiments.Reproduction(str(tmp_path / "runs"), results, smoke=True)
+    repro.run(variants)
+    runs, curves = report.load(results)
+    assert set(curves) == {"teacher", "cm", "gd"} and set(runs) == {"teacher", "cm", "gd"}
+    cap, every = experiments.SMOKE["cap"], experiments.SMOKE["every"]
+    for c in curves.values():
+        assert [p["step"] for p in c["points"]] == list(range(every, cap + 1, every))
+        assert c["budget"] == experiments.flat_budget([(p["step"], p["psnr@4"]) for p in c["points"]])[0]
+    assert [r["seed"] for r in runs["teacher"]] == [0, 1]
+    budget = curves["teacher"]["budget"]
+    for r in runs["teacher"]:
+        assert r["train_steps"] == budget and r["results"]["step"] == budget
+        assert set(r["results"]["samplers"]) == {"ddim", "dpmpp", "stochastic", "ddim+colorfix",
+                                                  "dpmpp+colorfix", "stochastic+colorfix"}
+    # The two seeds share data and evaluation noise but not the training randomness.
+    assert runs["teacher"][0]["config_hash"] != runs["teacher"][1]["config_hash"]
+    assert set(report.samplers_of(runs["cm"])) == {"cm", "cm_ddim"}
+    assert runs["gd"][0]["train_steps"] == cap and runs["gd"][0]["budget_rule"].startswith("the cap")
+    for records in runs.values():
+        for r in records:
+            assert r["results"]["trainable_params"] > 0
+            for entries in r["results"]["samplers"].values():
+                for e in entries.values():
+                    assert np.isfinite([e["psnr"], e["ssim"], e["swd"]]).all()
+            assert "fid" in r["results"]["not_computed"] and "lpips" in r["results"]["not_computed"]
+    assert os.path.exists(os.path.join(results, "teacher", "samples.png"))
+    # Rerunning finds every file with its config hash and trains nothing, even without the
+    # checkpoints (another machine): only the files are kept.
+    shutil.rmtree(str(tmp_path / "runs" / "gd"))
+    stamps = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(results, "*", "*.json"))}
+    repro.run(variants)
+    assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(results, "*", "*.json"))} == stamps
+    assert "codi curve" in repro.missing() and "teacher seed 2" in repro.missing()
+    path = report.write(results, str(tmp_path / "results.md"), command="cmd", commit="abc", smoke=True,
+                        missing=repro.missing(), protocol=experiments.protocol(smoke=True))
     text = open(path).read()
-    assert "SMOKE RUN" in text and "| CM |" in text and "| GD, stochastic |" in text
-    assert "FID / LPIPS: not computed" in text
+    assert "SMOKE RUN" in text and "| CM |" in text and "| Fine-tuned teacher | " in text
+    assert "codi curve" in text and "FID / LPIPS: not computed" in text
+    # A two-seed teacher against a one-seed CM: the claim rows that need CoDi are "not run".
+    assert "| CoDi beats CM | — | — | not run | not run |" in text
+    assert os.path.exists(str(tmp_path / "results_curves.png"))
     assert os.path.exists(str(tmp_path / "results_methods.png"))
     assert not os.path.exists(str(tmp_path / "results_ablations.png"))  # no ablation was run
     # Regenerating the tables keeps the hand-written discussion.
     with open(path, "a") as f:
         f.write("the analysis\n")
-    report.write(summaries, path, command="cmd", commit="def", wall_time_s=1.0, smoke=True)
+    report.write(results, path, command="cmd", commit="def", smoke=True)
     text = open(path).read()
     assert "`def`" in text and text.endswith("the analysis\n") and text.count("## Discussion") == 1
+
+
+def test_verdicts_follow_two_standard_errors():
+    def runs(name, values):
+        return [{"name": name, "label": name, "seed": k, "train_steps": 1,
+                 "results": {"samplers": {"codi": {"4": {"psnr": v, "swd": 0.1}}}}} for k, v in enumerate(values)]
+
+    r = {"codi": runs("codi", [20.0, 20.2, 20.4]), "cm": runs("cm", [19.0, 19.2, 19.4]),
+         "pe_codi": runs("pe_codi", [20.1, 20.3, 20.5]), "no_cg": runs("no_cg", [21.5])}
+    assert report.judge(r, "codi", "cm", 4, 4)["psnr"]["verdict"] == "holds"            # 1.0 vs SE 0.16
+    assert report.judge(r, "codi", "pe_codi", 4, 4)["psnr"]["verdict"] == "inconclusive"
+    one = report.judge(r, "codi", "no_cg", 4, 4)["psnr"]   # one seed: borrows CoDi's spread
+    assert one["borrowed"] and one["verdict"] == "does not hold"
+    np.testing.assert_allclose(one["se"], 0.2 * np.sqrt(1 / 3 + 1), rtol=1e-9)
+    assert report.judge(r, "codi", "cm", 4, 4)["swd"]["verdict"].startswith("inconclusive")  # equal SWDs
+    assert experiments.flat_budget([(500, 20.0), (1000, 20.5), (1500, 20.6), (2000, 20.7)]) == (1500, True)
+    assert experiments.flat_budget([(500, 20.0), (1000, 20.5), (1500, 21.0)]) == (1500, False)

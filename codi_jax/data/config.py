@@ -161,6 +161,7 @@ def default_config(task: str = "sr") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
     c.source = "demo"
+    c.seed = 0  # the training data's order and random augmentations / degradations
     # TFDS data dir. None: $TFDS_DATA_DIR for tfds sources; ~/.cache/codi_jax/tensorflow_datasets
     # for the demo (built there on first use).
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
