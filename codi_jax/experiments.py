@@ -314,15 +314,20 @@ class Reproduction:
         source = BY_NAME[v.curve_of] if v.curve_of else v
         curve_dir = os.path.join(self.workdir, source.name, "curve")
         curve_steps = {p["step"] for p in self.curve(source)["points"]}
+        results = None
         if seed == 0 and steps in curve_steps:
-            # The curve's checkpoint at the budget is this run's model (constant learning rate).
+            # The curve's checkpoint at the budget is this run's model (constant learning rate);
+            # on a machine without the curve's checkpoints, the run is trained again below.
             curve_cfg = self._with_teacher(curve_config(self._cfg(source), self.smoke), source, 0)
-            cfg.train.keep_checkpoints = curve_cfg.train.keep_checkpoints
             restore_cfg = _resumable_as(cfg, curve_cfg)
-            results = train.evaluate_checkpoint(restore_cfg, curve_dir, step=steps, out=out)
-            if v.name in {other.teacher for other in VARIANTS}:
-                train.export_checkpoint(restore_cfg, curve_dir, step=steps, out=out)
-        else:
+            try:
+                results = train.evaluate_checkpoint(restore_cfg, curve_dir, step=steps, out=out)
+            except FileNotFoundError as missing:
+                logging.warning("%s seed 0: %s; training it", v.name, missing)
+            else:
+                if v.name in {other.teacher for other in VARIANTS}:
+                    train.export_checkpoint(restore_cfg, curve_dir, step=steps, out=out)
+        if results is None:
             results = train_and_evaluate(cfg, out, v.name)
         if seed == 0:  # one sample grid per method, for the report
             os.makedirs(os.path.join(self.results, v.name), exist_ok=True)

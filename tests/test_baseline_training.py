@@ -4,6 +4,7 @@ the reproduction's pipeline runs end to end on a smoke budget."""
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 
@@ -154,6 +155,16 @@ def test_reproduction_smoke_curves_budgets_seeds_files_and_report(tmp_path):
     repro.run(variants)
     assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(results, "*", "*.json"))} == stamps
     assert "codi curve" in repro.missing() and "teacher seed 2" in repro.missing()
+    # A machine with the files but not the checkpoints or exports: CM's seed 0 is missing, so it
+    # is trained to its budget from the curve file, from its teacher's export trained again.
+    cm0 = json.load(open(os.path.join(results, "cm", "seed0.json")))
+    os.remove(os.path.join(results, "cm", "seed0.json"))
+    shutil.rmtree(str(tmp_path / "runs"))
+    repro.run(variants)
+    again = json.load(open(os.path.join(results, "cm", "seed0.json")))
+    assert (again["config_hash"], again["train_steps"]) == (cm0["config_hash"], cm0["train_steps"])
+    assert os.path.isdir(str(tmp_path / "runs" / "teacher" / "seed0" / "export"))
+    assert not os.path.exists(str(tmp_path / "runs" / "teacher" / "curve"))  # no curve was rerun
     path = report.write(results, str(tmp_path / "results.md"), command="cmd", commit="abc", smoke=True,
                         missing=repro.missing(), protocol=experiments.protocol(smoke=True))
     text = open(path).read()
