@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from typing import Any, Iterator, Sequence
@@ -52,7 +51,7 @@ EVAL_EVERY = 500         # the curves' evaluation interval, and the budgets' res
 FLAT_DB = 0.15           # "flattened": nothing later beats it by more than this (4-step PSNR)
 CURVE_STEPS = (1, 4)     # the step counts the curves record
 EVAL_EXAMPLES = 128      # crops of the four held-out pictures (all of them)
-GRID_EXAMPLES = 4        # rows of each final run's sample grid (seed 0's is kept)
+GRID_EXAMPLES = 2        # rows of each final run's sample grid (seed 0's is kept, as a JPEG)
 HEADLINE_SEEDS = 3       # training seeds of the Table-1 methods; the ablations have one
 
 # Every sampler that applies to a model, by objective, and the step counts it is scored at. The
@@ -184,11 +183,17 @@ def _digest_files(root: str) -> str:
     return h.hexdigest()[:16]
 
 
+# Settings that change how a run is logged and stored, never its numbers.
+NOT_HASHED = ("eval.grid_examples", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+
+
 def config_hash(cfg: ml_collections.ConfigDict, teacher_hash: str | None = None) -> str:
     """What makes two runs the same run: the config (less the conditional teacher's path, which
-    names a workdir) and the pretrained teacher's files, or the conditional teacher's own hash."""
+    names a workdir, and ``NOT_HASHED``) and the pretrained teacher's files, or the conditional
+    teacher's own hash."""
     flat = traverse_util.flatten_dict(cfg.to_dict(), sep=".")
-    flat.pop("model.conditional_teacher", None)
+    for key in ("model.conditional_teacher", *NOT_HASHED):
+        flat.pop(key, None)
     pretrained = config_lib.embedded_path(cfg.model.pretrained)
     blob = json.dumps({"config": flat, "teacher": teacher_hash or _digest_files(pretrained)},
                       sort_keys=True, default=str)
@@ -329,9 +334,12 @@ class Reproduction:
                     train.export_checkpoint(restore_cfg, curve_dir, step=steps, out=out)
         if results is None:
             results = train_and_evaluate(cfg, out, v.name)
-        if seed == 0:  # one sample grid per method, for the report
+        if seed == 0:  # one sample grid per method for the report, as a JPEG to keep the repo light
+            from PIL import Image
+
             os.makedirs(os.path.join(self.results, v.name), exist_ok=True)
-            shutil.copyfile(os.path.join(out, "eval_samples.png"), os.path.join(self.results, v.name, "samples.png"))
+            Image.open(os.path.join(out, "eval_samples.png")).convert("RGB").save(
+                os.path.join(self.results, v.name, "samples.jpg"), quality=85)
         record = {"name": v.name, "label": v.label, "seed": seed, "train_steps": steps,
                   "budget_rule": rule, "config_hash": digest, "commit": git_commit(),
                   "wall_time_s": time.time() - start, "results": results, "setup": run_setup(cfg)}

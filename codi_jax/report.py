@@ -335,10 +335,10 @@ def write(results: str, path: str, *, command: str, commit: str, smoke: bool = F
     lines += table(runs, METHODS)
     lines += ["", "## Ablations, every sampler and step count", ""]
     lines += table(runs, [n for n in ABLATIONS if n != "codi"])
-    samples = [n for n in (*METHODS, *ABLATIONS) if os.path.exists(os.path.join(results, n, "samples.png"))]
+    samples = [n for n in (*METHODS, *ABLATIONS) if os.path.exists(os.path.join(results, n, "samples.jpg"))]
     if samples:
         lines += ["", "## Samples (seed 0, held-out crops: input, each sampler and step count, original)", ""]
-        lines += [f"- [{_label(runs, n)}]({rel}/{n}/samples.png)" for n in dict.fromkeys(samples)]
+        lines += [f"- [{_label(runs, n)}]({rel}/{n}/samples.jpg)" for n in dict.fromkeys(samples)]
     lines += ["", _discussion(path)]
     with open(path, "w") as f:
         f.write("\n".join(lines))

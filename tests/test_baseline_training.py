@@ -147,7 +147,7 @@ def test_reproduction_smoke_curves_budgets_seeds_files_and_report(tmp_path):
                 for e in entries.values():
                     assert np.isfinite([e["psnr"], e["ssim"], e["swd"]]).all()
             assert "fid" in r["results"]["not_computed"] and "lpips" in r["results"]["not_computed"]
-    assert os.path.exists(os.path.join(results, "teacher", "samples.png"))
+    assert os.path.exists(os.path.join(results, "teacher", "samples.jpg"))
     # Rerunning finds every file with its config hash and trains nothing, even without the
     # checkpoints (another machine): only the files are kept.
     shutil.rmtree(str(tmp_path / "runs" / "gd"))
