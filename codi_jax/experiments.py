@@ -223,6 +223,13 @@ def git_commit() -> str:
         return "unknown"
 
 
+def machine() -> str:
+    """What a run's wall time was measured on."""
+    import jax
+
+    return f"{jax.device_count()} × {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores"
+
+
 def run_setup(cfg: ml_collections.ConfigDict) -> dict:
     """The settings a report states about a run (read from its config, never retyped)."""
     return {"teacher": cfg.model.pretrained, "image_size": cfg.data.image_size,
@@ -285,7 +292,7 @@ class Reproduction:
                     for m in ("psnr", "ssim", "swd") if m in e}})
         points = sorted({p["step"]: p for p in points}.values(), key=lambda p: p["step"])
         budget, flattened = flat_budget([(p["step"], p["psnr@4"]) for p in points])
-        record = {"name": source.name, "config_hash": digest, "commit": git_commit(),
+        record = {"name": source.name, "config_hash": digest, "commit": git_commit(), "machine": machine(),
                   "wall_time_s": time.time() - start, "sampler": cfg.eval.samplers[0],
                   "points": points, "budget": budget, "flattened": flattened}
         _write(path, record)
@@ -341,7 +348,7 @@ class Reproduction:
             Image.open(os.path.join(out, "eval_samples.png")).convert("RGB").save(
                 os.path.join(self.results, v.name, "samples.jpg"), quality=85)
         record = {"name": v.name, "label": v.label, "seed": seed, "train_steps": steps,
-                  "budget_rule": rule, "config_hash": digest, "commit": git_commit(),
+                  "budget_rule": rule, "config_hash": digest, "commit": git_commit(), "machine": machine(),
                   "wall_time_s": time.time() - start, "results": results, "setup": run_setup(cfg)}
         _write(path, record)
         return record

@@ -95,9 +95,9 @@ def stats(records: Sequence[dict], sampler: str, steps: int, metric: str) -> tup
 
 def best_sampler(records: Sequence[dict], steps: int) -> str | None:
     """The sampler with the highest mean PSNR at ``steps`` (each method at its best)."""
-    scored = [(stats(records, s, steps, "psnr"), s) for s in samplers_of(records)]
-    scored = [(st[0], s) for st, s in scored if st is not None]
-    return max(scored)[1] if scored else None
+    scored = [(stats(records, s, steps, "psnr"), -i, s) for i, s in enumerate(samplers_of(records))]
+    scored = [(st[0], i, s) for st, i, s in scored if st is not None]
+    return max(scored)[2] if scored else None  # ties: the method's own (first) sampler
 
 
 def verdict(diff: float, se: float | None) -> str:
@@ -273,10 +273,10 @@ def write(results: str, path: str, *, command: str, commit: str, smoke: bool = F
         "",
         *(["**SMOKE RUN: a few training steps per method; these numbers check the pipeline and say "
            "nothing about the claims.**", ""] if smoke else []),
-        f"- Command: `{command}` (runs what is missing, then rewrites this page from `{rel}/`)",
+        f"- Command: `{command}` (runs what is missing, then rewrites this page from `{results}/`)",
         f"- Commit: `{commit}`; written {datetime.date.today().isoformat()}",
         f"- Finished: {len(all_runs)} final runs and {len(curves)} curves, {hours:.1f} h of wall time "
-        "as recorded by each run (the machine each ran on is in its file's commit and setup).",
+        "as recorded by each run (on the machine its file names).",
         "- Missing: " + (", ".join(missing) if missing else "nothing") + ".",
     ]
     if setup:
