@@ -96,8 +96,9 @@ def stats(records: Sequence[dict], sampler: str, steps: int, metric: str) -> tup
 def best_sampler(records: Sequence[dict], steps: int) -> str | None:
     """The sampler with the highest mean PSNR at ``steps`` (each method at its best)."""
     scored = [(stats(records, s, steps, "psnr"), -i, s) for i, s in enumerate(samplers_of(records))]
-    scored = [(st[0], i, s) for st, i, s in scored if st is not None]
-    return max(scored)[2] if scored else None  # ties: the method's own (first) sampler
+    # Ties (every sampler's 1 step is the same x̂, to rounding): the method's own (first) sampler.
+    scored = [(round(st[0], 4), i, s) for st, i, s in scored if st is not None]
+    return max(scored)[2] if scored else None
 
 
 def verdict(diff: float, se: float | None) -> str:
