@@ -386,12 +386,14 @@ class Reproduction:
             self.final(v, seed)
 
     def missing(self, variants: Sequence[Variant] = VARIANTS) -> list[str]:
-        """The curves and final runs without a file (stale ones count as missing only when run)."""
+        """The curves and final runs without a file (a stale file counts as done until a run
+        finds it stale)."""
         out = []
         for v in variants:
             source = v.curve_of or v.name
-            if not os.path.exists(os.path.join(self.results, source, "curve.json")) and source not in out:
-                out.append(f"{source} curve")
+            curve = f"{source} curve"
+            if not os.path.exists(os.path.join(self.results, source, "curve.json")) and curve not in out:
+                out.append(curve)
             out += [f"{v.name} seed {k}" for k in range(v.seeds)
                     if not os.path.exists(os.path.join(self.results, v.name, f"seed{k}.json"))]
         return out
