@@ -282,7 +282,7 @@ class Reproduction:
         out = os.path.join(self.workdir, source.name, "curve")
         cfg = self._with_teacher(cfg, source, 0)
         start = time.time()
-        train_and_evaluate(cfg, out, source.name)
+        _train(cfg, out, source.name)
         points = []
         with open(os.path.join(out, "eval_log.jsonl")) as f:
             for line in f:
@@ -340,7 +340,7 @@ class Reproduction:
                 if v.name in {other.teacher for other in VARIANTS}:
                     train.export_checkpoint(restore_cfg, curve_dir, step=steps, out=out)
         if results is None:
-            results = train_and_evaluate(cfg, out, v.name)
+            results = _train(cfg, out, v.name)
         if seed == 0:  # one sample grid per method for the report, as a JPEG to keep the repo light
             from PIL import Image
 
@@ -365,7 +365,7 @@ class Reproduction:
             cfg = self._cfg(teacher)
             cfg.seed, cfg.train.num_steps = seed, self.budget(teacher)[0]
             cfg.eval.num_examples = 0
-            train_and_evaluate(cfg, self._final_dir(teacher, seed), teacher.name)
+            _train(cfg, self._final_dir(teacher, seed), teacher.name)
         return export
 
     def plan(self, variants: Sequence[Variant]) -> Iterator[tuple[Variant, int]]:
@@ -399,7 +399,8 @@ class Reproduction:
         return out
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, out: str, name: str) -> dict:
+def _train(cfg: ml_collections.ConfigDict, out: str, name: str) -> dict:
+    """``train.train_and_evaluate``; a preempted run stops the whole reproduction."""
     from codi_jax import train
 
     try:
@@ -421,8 +422,10 @@ def _resumable_as(cfg: ml_collections.ConfigDict, curve_cfg: ml_collections.Conf
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/reproduce", "Checkpoints and exports (<workdir>/<variant>/...).")
-flags.DEFINE_string("results", "docs/results", "The per-run result files the report is made of.")
-flags.DEFINE_string("report", "docs/results.md", "The Markdown report; its plots go beside it.")
+flags.DEFINE_string("results", "docs/results", "The per-run result files the report is made of "
+                    "(with --smoke: <workdir>/results unless given).")
+flags.DEFINE_string("report", "docs/results.md", "The Markdown report; its plots go beside it "
+                    "(with --smoke: <workdir>/results.md unless given).")
 flags.DEFINE_bool("smoke", False, "A few steps per run: checks the pipeline, not the claims.")
 flags.DEFINE_bool("report_only", False, "Only rewrite the report from the result files.")
 flags.DEFINE_list("only", [], "Run only these variants (and the teachers they need).")
@@ -460,12 +463,16 @@ def main(argv):
     del argv
     from codi_jax import report
 
-    repro = Reproduction(FLAGS.workdir, FLAGS.results, smoke=FLAGS.smoke, fid_weights=FLAGS.fid_weights,
+    results, path = FLAGS.results, FLAGS.report
+    if FLAGS.smoke:  # never over the committed results
+        results = results if FLAGS["results"].present else os.path.join(FLAGS.workdir, "results")
+        path = path if FLAGS["report"].present else os.path.join(FLAGS.workdir, "results.md")
+    repro = Reproduction(FLAGS.workdir, results, smoke=FLAGS.smoke, fid_weights=FLAGS.fid_weights,
                          lpips_weights=FLAGS.lpips_weights)
     if not FLAGS.report_only:
         repro.run(select(FLAGS.only))
     command = f"python -m codi_jax.experiments --workdir={FLAGS.workdir}" + (" --smoke" if FLAGS.smoke else "")
-    report.write(FLAGS.results, FLAGS.report, command=command, commit=git_commit(), smoke=FLAGS.smoke,
+    report.write(results, path, command=command, commit=git_commit(), smoke=FLAGS.smoke,
                  missing=repro.missing(), protocol=protocol(FLAGS.smoke))
 
 
