@@ -13,8 +13,8 @@ pictures, see ``data/embedded.py``): each crop's mean-colour error (bias and rms
 of the output and of bicubic; the same output sampled from noise whose spatial mean is removed
 (SD's schedule leaves signal at t = 1, so a model can read the noise's mean as colour); and the
 autoencoder alone: the original's own latent, Gaussian-blurred by ``--blur`` latent pixels (a
-smooth latent like the 1-step posterior-mean estimate; the σ closest to the model's latent in MSE
-is printed), decoded. A decoder that shifts the colours of smooth latents shows here with no
+smooth latent like the 1-step posterior-mean estimate; each σ's latent MSE to the model's 1-step
+latent is printed beside it), decoded. A decoder that shifts the colours of smooth latents shows here with no
 model involved.
 
     python tools/probe_sr_error_bands.py --model=<export folder | embedded:<name>> [--num=128]
@@ -78,10 +78,11 @@ def main() -> None:
         model_fn = lambda zz, mt: student.model_fn(params, zz, mt, data["cond"], data["context"])
         sample = lambda z0: diffusion.codi_sample(diffusion.make_denoiser(model_fn, sched, ptype), z0, sched, 1, grid)
         x, x_mean_free = sample(z), sample(z - z.mean(axis=(1, 2), keepdims=True))
-        images = lambda lat: jnp.clip(student.decode(aux, lat), -1.0, 1.0)
-        return images(x), images(x_mean_free), x, data["x"]
+        return to_images(x), to_images(x_mean_free), x, data["x"]
 
-    decode = jax.jit(lambda lat: jnp.clip(student.decode(aux, lat), -1.0, 1.0))
+    def to_images(latents):
+        return jnp.clip(student.decode(aux, latents), -1.0, 1.0)
+
     outs, mean_free, latents, true_latents, conds, targets = [], [], [], [], [], []
     for i, batch in enumerate(data_lib.make_eval_dataset(cfg, global_batch_size=16, process_index=0,
                                                          process_count=1)):
@@ -97,8 +98,8 @@ def main() -> None:
     dc = out - out.mean(axis=(1, 2), keepdims=True) + cond.mean(axis=(1, 2), keepdims=True)
     wavelet = np.asarray(color_fix.wavelet_color_fix(jnp.asarray(out), jnp.asarray(cond), levels))
 
-    def psnr(a):
-        return float(np.mean(pix.psnr((jnp.clip(jnp.asarray(a), -1, 1) + 1) / 2, (jnp.asarray(target) + 1) / 2)))
+    def psnr(a, sel=slice(None)):
+        return float(np.mean(pix.psnr((jnp.clip(jnp.asarray(a[sel]), -1, 1) + 1) / 2, (jnp.asarray(target[sel]) + 1) / 2)))
 
     report = {"examples": len(out), "psnr_raw": psnr(out), "psnr_mean_colour_fixed": psnr(dc),
               "psnr_wavelet_colour_fixed": psnr(wavelet), "psnr_bicubic": psnr(cond),
@@ -106,17 +107,17 @@ def main() -> None:
               "mean_colour_error_model": float(np.mean(np.abs(out.mean(axis=(1, 2)) - target.mean(axis=(1, 2))))),
               "mean_colour_error_bicubic": float(np.mean(np.abs(cond.mean(axis=(1, 2)) - target.mean(axis=(1, 2)))))}
     sigmas = [float(v) for v in args.blur.split(",") if v]
-    blurred = {sigma: np.asarray(decode(jnp.asarray(blur(x, sigma)))) for sigma in sigmas}
+    blurred_latents = {sigma: blur(x, sigma) for sigma in sigmas}
+    blurred = {sigma: np.asarray(jax.jit(to_images)(jnp.asarray(b))) for sigma, b in blurred_latents.items()}
     report["latent_mse_to_model"] = {"unblurred": float(np.mean((x - x_hat) ** 2)),
-                                     **{f"blur {s}": float(np.mean((blur(x, s) - x_hat) ** 2)) for s in sigmas}}
+                                     **{f"blur {s}": float(np.mean((b - x_hat) ** 2)) for s, b in blurred_latents.items()}}
     report["psnr_noise_mean_free"] = psnr(out_mean_free)
     names = list(HELD_OUT_IMAGES)
     pictures = {}
     for k, name in enumerate(names):
         sel = np.arange(len(out)) % len(names) == k  # the eval split interleaves the pictures
-        psnr_of = lambda a: float(np.mean(pix.psnr((jnp.asarray(a[sel]) + 1) / 2, (jnp.asarray(target[sel]) + 1) / 2)))
         pictures[name] = {
-            "psnr_model": psnr_of(out), "psnr_bicubic": psnr_of(cond),
+            "psnr_model": psnr(out, sel), "psnr_bicubic": psnr(cond, sel),
             "colour_model": colour_error(out[sel], target[sel]), "colour_bicubic": colour_error(cond[sel], target[sel]),
             "colour_noise_mean_free": colour_error(out_mean_free[sel], target[sel]),
             **{f"colour_decoded_blur_{s}": colour_error(b[sel], target[sel]) for s, b in blurred.items()}}
