@@ -185,6 +185,9 @@ def _digest_files(root: str) -> str:
 
 # Settings that change how a run is logged and stored, never its numbers.
 NOT_HASHED = ("eval.grid_examples", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+# Switches added after results were recorded, with the value that means "off": hashed only when set
+# to something else, so the runs recorded before they existed stay valid.
+HASHED_WHEN_SET = {"distill.rollout_fraction": 0.0}
 
 
 def config_hash(cfg: ml_collections.ConfigDict, teacher_hash: str | None = None) -> str:
@@ -194,6 +197,9 @@ def config_hash(cfg: ml_collections.ConfigDict, teacher_hash: str | None = None)
     flat = traverse_util.flatten_dict(cfg.to_dict(), sep=".")
     for key in ("model.conditional_teacher", *NOT_HASHED):
         flat.pop(key, None)
+    for key, off in HASHED_WHEN_SET.items():
+        if flat.get(key) == off:
+            del flat[key]
     pretrained = config_lib.embedded_path(cfg.model.pretrained)
     blob = json.dumps({"config": flat, "teacher": teacher_hash or _digest_files(pretrained)},
                       sort_keys=True, default=str)

@@ -198,3 +198,18 @@ def test_verdicts_follow_two_standard_errors():
     assert report.judge(r, "codi", "cm", 4, 4)["swd"]["verdict"].startswith("inconclusive")  # equal SWDs
     assert experiments.flat_budget([(500, 20.0), (1000, 20.5), (1500, 20.6), (2000, 20.7)]) == (1500, True)
     assert experiments.flat_budget([(500, 20.0), (1000, 20.5), (1500, 21.0)]) == (1500, False)
+
+
+def test_config_hash_ignores_a_later_switch_left_off():
+    """A switch added after results were recorded does not change the hash of a run that leaves it
+    off (those results stay valid), and does change it when set."""
+    cfg = tiny_config(num_steps=2)
+    digest = experiments.config_hash(cfg, teacher_hash="t")
+    for key, off in experiments.HASHED_WHEN_SET.items():
+        section, name = key.split(".")
+        assert cfg[section][name] == off
+        del cfg[section][name]
+        assert experiments.config_hash(cfg, teacher_hash="t") == digest
+        cfg[section][name] = off
+        cfg[section][name] = 0.5
+        assert experiments.config_hash(cfg, teacher_hash="t") != digest

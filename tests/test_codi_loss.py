@@ -215,3 +215,46 @@ def test_lowpass_cg_term_weighs_the_local_means():
         local_means(x, 3)
     with pytest.raises(ValueError, match="latent_l2"):
         CoDiLossConfig(cg_lowpass_weight=1.0, cg_distance="pixel_l2")
+
+
+def test_rollout_builds_z_t_from_the_targets_one_step_prediction():
+    """rollout_fraction = 1: the target model is evaluated at t = 1 (one more evaluation), the
+    online model sees z_t = α_t x̂⁻_1 + σ_t ε (ε the one PREv re-uses for ẑ_s), and the CG term is
+    the low band alone: a checkerboard in the data (no 2x2 cell mean moves) costs nothing."""
+    n, grid = 4, 10
+    m_online, m_target = 0.2, -0.5
+    checker = 0.4 * (-1.0) ** (jnp.arange(8)[:, None] + jnp.arange(8)[None])[None, :, :, None]
+    x = jnp.broadcast_to(0.1 + checker, (n, 8, 8, 2))
+    calls = []
+
+    def model(params, z, model_time, cond, context):  # x̂ = params, whatever z is (v-prediction)
+        t = (model_time + 1.0) / 1000.0
+        calls.append((params, z, t))
+        a, s = SCHED.alpha(t)[:, None, None, None], SCHED.sigma(t)[:, None, None, None]
+        x_hat = jnp.full_like(z, params)
+        return a * (z - a * x_hat) / s - s * x_hat
+
+    for rollout, expected_cg in ((1.0, (0.1 - m_online) ** 2), (0.0, (0.1 - m_online) ** 2 + 0.16)):
+        cfg = CoDiLossConfig(grid=grid, timestep_sampling="batch", rollout_fraction=rollout,
+                             cg_lowpass_pool=2)
+        loss = make_codi_loss(model, SCHED, "v_prediction", cfg)
+        for seed in range(6):
+            calls.clear()
+            _, metrics = loss(m_online, m_target, {"x": x, "cond": None}, jax.random.PRNGKey(seed))
+            np.testing.assert_allclose(float(metrics["cg"]), expected_cg, rtol=1e-4)
+            if not rollout:
+                assert len(calls) == 2
+                continue
+            assert float(metrics["rollout"]) == 1.0
+            (p_one, _, t_one), (p_t, z_t, t), (p_s, z_s, s) = calls
+            assert (p_one, p_t, p_s) == (m_target, m_online, m_target)
+            np.testing.assert_allclose(t_one, 1.0, atol=1e-6)
+            if float(s[0]) <= 0:
+                continue
+            a_t, s_t = SCHED.alpha(t)[0], SCHED.sigma(t)[0]
+            eps = (z_s - SCHED.alpha(s)[0] * m_online) / SCHED.sigma(s)[0]
+            np.testing.assert_allclose(z_t, a_t * m_target + s_t * eps, atol=2e-4)
+    with pytest.raises(ValueError, match="rollout_fraction"):
+        CoDiLossConfig(rollout_fraction=0.5, cg_distance="pixel_l2")
+    with pytest.raises(ValueError, match="rollout_fraction"):
+        CoDiLossConfig(rollout_fraction=1.5)

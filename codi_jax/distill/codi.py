@@ -85,6 +85,14 @@ class CoDiLossConfig(Switches):
     # 0 = off (the paper's d_x). Latent l2 only.
     cg_lowpass_weight: float = 0.0
     cg_lowpass_pool: int = 0
+    # Exposure to the sampler's own inputs: this fraction of the examples (drawn per example) builds
+    # z_t from the target model's 1-step prediction sg(x̂⁻(z_1, c, 1)) instead of the data x — the
+    # smooth posterior-mean estimate a multistep sampler's second step re-noises — and its CG term
+    # is ‖pool(x) − pool(x̂_t)‖² on cg_lowpass_pool cells: with cells > 1 the low band alone (the
+    # condition fixes the low frequencies whatever z_t is, while the detail of x is not in such a
+    # z_t), with 1 the whole latent (the paper's d_x, whose minimiser there is the posterior mean).
+    # One more network evaluation per step. 0 = off (the paper's objective).
+    rollout_fraction: float = 0.0
     guidance_min: float = 0.0             # guidance-aware mode when guidance_max > 0: w ~ U[min, max]
     guidance_max: float = 0.0             # (module docstring); 0, 0: off, the paper's objective
 
@@ -92,6 +100,14 @@ class CoDiLossConfig(Switches):
         if self.cg_lowpass_weight and self.cg_distance != "latent_l2":
             raise ValueError(f"cg_lowpass_weight: defined for cg_distance='latent_l2' only, got "
                              f"{self.cg_distance!r}")
+        if not 0 <= self.rollout_fraction <= 1:
+            raise ValueError(f"rollout_fraction: must lie in [0, 1], got {self.rollout_fraction}")
+        if self.rollout_fraction and (self.cg_distance != "latent_l2" or not self.cg_weight):
+            raise ValueError("rollout_fraction: its CG term is a latent low band; it needs "
+                             "cg_distance='latent_l2' and cg_weight > 0")
+        if self.rollout_fraction and self.guided:
+            raise ValueError("rollout_fraction: not defined with the guidance-aware mode (its CG "
+                             "target is guided at the data's z_t)")
         if not 0 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"guidance_min/max: need 0 <= min <= max, got [{self.guidance_min}, "
                              f"{self.guidance_max}]")
@@ -202,13 +218,24 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         t = i.astype(jnp.float32) / cfg.grid
         s = (i - 1).astype(jnp.float32) / cfg.grid
         eps = jax.random.normal(key_eps, x.shape, jnp.float32)
-        z_t = diffuse(x, eps, schedule.alpha(t), schedule.sigma(t))
 
         if cfg.guided:   # w from a key of its own: the other draws stay those of the plain objective
             w = sample_w(jax.random.fold_in(rng, 1), x.shape[0], cfg.guidance_min, cfg.guidance_max)
             model_cond = with_w(cond, w)
         else:
             model_cond = cond
+        rollout = jnp.zeros(x.shape[:1], bool)
+        x_start = x
+        if cfg.rollout_fraction:  # keys of their own, as w's
+            key_one, key_pick = jax.random.split(jax.random.fold_in(rng, 2))
+            one = jnp.ones(x.shape[:1], jnp.float32)
+            z_one = diffuse(x, jax.random.normal(key_one, x.shape, jnp.float32), schedule.alpha(one),
+                            schedule.sigma(one))
+            x_one = jax.lax.stop_gradient(
+                denoise(jax.lax.stop_gradient(target_params), z_one, one, model_cond, context)[0])
+            rollout = jax.random.bernoulli(key_pick, cfg.rollout_fraction, x.shape[:1])
+            x_start = jnp.where(broadcast_to(rollout, x), x_one, x)
+        z_t = diffuse(x_start, eps, schedule.alpha(t), schedule.sigma(t))
         x_hat_t, eps_hat_t = denoise(online_params, z_t, t, model_cond, context)  # online, with grad
 
         alpha_s, sigma_s = schedule.alpha(s), schedule.sigma(s)
@@ -242,12 +269,20 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         weight = (s > 0).astype(jnp.float32) * snr_weight(
             schedule.logsnr(t), cfg.consistency_space, cfg.snr_weighting, cfg.snr_gamma)
         consistency_loss = jnp.mean(weight * consistency)
-        cg_loss = jnp.mean(cg_term(x_cg, x_hat_t, batch.get("image"))) if cfg.cg_weight else jnp.zeros(())
+        if not cfg.cg_weight:
+            cg_loss = jnp.zeros(())
+        elif cfg.rollout_fraction:
+            low_band = distance(local_means(x_cg, cfg.cg_lowpass_pool), local_means(x_hat_t, cfg.cg_lowpass_pool), "l2")
+            cg_loss = jnp.mean(jnp.where(rollout, low_band, cg_term(x_cg, x_hat_t, batch.get("image"))))
+        else:
+            cg_loss = jnp.mean(cg_term(x_cg, x_hat_t, batch.get("image")))
         total = consistency_loss + cfg.cg_weight * cg_loss
         metrics = {"loss": total, "consistency": consistency_loss, "cg": cg_loss,
                    "t": jnp.mean(t)}
         if cfg.guided:
             metrics["w"] = jnp.mean(w)
+        if cfg.rollout_fraction:
+            metrics["rollout"] = jnp.mean(rollout.astype(jnp.float32))
         return total, metrics
 
     return loss
