@@ -23,8 +23,13 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   20.71 / 23.07, and stays there at 3000. With stronger colour augmentation
   (``--config.data.augment.color_jitter=0.3 --config.data.augment.channel_permute=True``) and
   3000 steps (about 25 minutes) it reaches bicubic at 1 step: 23.40 raw (SSIM 0.595), 4 steps
-  20.72 / 23.08, sharper than bicubic; a second seed 23.47. That run is the shipped
-  ``embedded:demo_codi_sr``; the curve
+  20.72 / 23.08, sharper than bicubic; a second seed 23.47. At 4 steps it loses 2.7 dB raw
+  because the model moves the low frequencies of a z_t built from its own 1-step prediction
+  (``tools/probe_sr_steps.py``); adding ``--config.distill.rollout_fraction=0.75
+  --config.distill.cg_lowpass_pool=1`` (three quarters of each batch trained on such inputs, the
+  CG term against the data; about 29 minutes) gives 1 step 23.46 raw, 4 steps 22.45 raw (0.93 dB
+  below bicubic, gradient energy 0.22 ×10³ against bicubic's 0.20). That run is the shipped
+  ``embedded:demo_codi_sr``; the curve, the fractions tried
   and per-step numbers are in its README and ``docs/demo_codi_sr/``. With the wavelet colour fix
   of diffusion SR pipelines (``codi_jax/color_fix.py``: low frequencies from the bicubic input,
   the model's own high frequencies) the evaluation reports both. Before the groups-4 autoencoder
