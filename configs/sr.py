@@ -28,7 +28,8 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   (``tools/probe_sr_steps.py``); adding ``--config.distill.rollout_fraction=0.75
   --config.distill.cg_lowpass_pool=1`` (three quarters of each batch trained on such inputs, the
   CG term against the data; about 29 minutes) gives 1 step 23.46 raw, 4 steps 22.45 raw (0.93 dB
-  below bicubic, gradient energy 0.22 ×10³ against bicubic's 0.20). That run is the shipped
+  below bicubic, gradient energy 0.22 ×10³ against bicubic's 0.20; a second seed 23.47 / 22.40 /
+  0.23). That run is the shipped
   ``embedded:demo_codi_sr``; the curve, the fractions tried
   and per-step numbers are in its README and ``docs/demo_codi_sr/``. With the wavelet colour fix
   of diffusion SR pipelines (``codi_jax/color_fix.py``: low frequencies from the bicubic input,
