@@ -103,7 +103,7 @@ class CoDiLossConfig(Switches):
         if not 0 <= self.rollout_fraction <= 1:
             raise ValueError(f"rollout_fraction: must lie in [0, 1], got {self.rollout_fraction}")
         if self.rollout_fraction and (self.cg_distance != "latent_l2" or not self.cg_weight):
-            raise ValueError("rollout_fraction: its CG term is a latent low band; it needs "
+            raise ValueError("rollout_fraction: its CG term is on latent cell means; it needs "
                              "cg_distance='latent_l2' and cg_weight > 0")
         if self.rollout_fraction and self.guided:
             raise ValueError("rollout_fraction: not defined with the guidance-aware mode (its CG "
@@ -272,7 +272,8 @@ def make_codi_loss(model_fn: ModelFn, schedule: Schedule, prediction_type: str,
         if not cfg.cg_weight:
             cg_loss = jnp.zeros(())
         elif cfg.rollout_fraction:
-            low_band = distance(local_means(x_cg, cfg.cg_lowpass_pool), local_means(x_hat_t, cfg.cg_lowpass_pool), "l2")
+            low_band = distance(local_means(x_cg, cfg.cg_lowpass_pool),
+                                local_means(x_hat_t, cfg.cg_lowpass_pool), "l2")
             cg_loss = jnp.mean(jnp.where(rollout, low_band, cg_term(x_cg, x_hat_t, batch.get("image"))))
         else:
             cg_loss = jnp.mean(cg_term(x_cg, x_hat_t, batch.get("image")))
