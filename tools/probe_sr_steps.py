@@ -7,9 +7,8 @@ On the held-out crops, for an exported SR model:
   (z_t = α_t x + σ_t ε) — what training sees. PSNR of the decoded x̂ raw and wavelet-colour-fixed,
   PSNR of its low band alone (the band the colour fix replaces) against the original's, and the
   MSE of the latent's 2x2-cell means against the original latent's (the low band before the
-  decoder). A
-  model that reads its low frequencies from the condition keeps the low band at every t; one that
-  reads them from z_t loses it where z_t's low band is noisy. The same with ε's spatial mean
+  decoder). A model that reads its low frequencies from the condition keeps the low band at every
+  t; one that reads them from z_t loses it where z_t's low band is noisy. The same with ε's spatial mean
   removed (``noise_mean_free``) separates the noise's mean from its other low frequencies.
 * ``from_one_step``: the same, with z_t built from the model's own 1-step x̂ (a smooth posterior-mean
   estimate, not a data point) instead of the original: what the second sampling step sees.
@@ -32,6 +31,7 @@ import numpy as np
 from codi_jax import color_fix, config_lib, diffusion
 from codi_jax import data as data_lib
 from codi_jax.diffusion.parametrization import ddim_update
+from codi_jax.distill.codi import local_means
 from codi_jax.export import load_exported
 
 
@@ -80,8 +80,8 @@ def main() -> None:
                     if mode == "renoise_mean_free":
                         eps_hat = _mean_free(eps_hat)
                 z = ddim_update(x_hat, eps_hat, sched.alpha(s), sched.sigma(s))
-        cells = lambda v: jax.lax.reduce_window(v, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
-        latent_err = {k: jnp.mean((cells(v) - cells(x0)) ** 2, axis=(1, 2, 3)) for k, v in out.items()}
+        latent_err = {k: jnp.mean((local_means(v, 2) - local_means(x0, 2)) ** 2, axis=(1, 2, 3))
+                      for k, v in out.items()}
         return {k: jnp.clip(student.decode(aux, v), -1.0, 1.0) for k, v in out.items()}, latent_err
 
     outs, latent_errs, conds, targets = {}, {}, [], []
