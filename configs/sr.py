@@ -62,12 +62,12 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   detail was worth +0.12 dB from the start. On the
   first autoencoder (``docs/sr_finetune/``, 1208 steps) it was 1.5 dB below on all 128 crops.
   With the demo's colour augmentation and 8000 steps it meets the bar:
-  ``--config.train.num_steps=8000 --config.eval.every=1000 --config.eval.num_examples=128 --config.data.augment.color_jitter=0.3
-  --config.data.augment.channel_permute=True '--config.eval.samplers=("ddim",)'
-  '--config.eval.steps=(1,4)'`` (66 minutes wall on an idle 2-core CPU;
-  ``docs/sr_probes/finetune_color_jitter_8000/``) scores, on all 128 held-out crops, DDIM 1 step
-  **23.55** raw (SSIM 0.599) against bicubic's 23.38 (0.575), above it from step 7000 (23.48) and
-  still rising; 4 steps 21.99.
+  ``--config.train.num_steps=8000 --config.eval.every=1000 --config.eval.num_examples=128
+  --config.data.augment.color_jitter=0.3 --config.data.augment.channel_permute=True
+  '--config.eval.samplers=("ddim",)' '--config.eval.steps=(1,4)'`` (66 minutes wall on an idle
+  2-core CPU; ``docs/sr_probes/finetune_color_jitter_8000/``) scores, on all 128 held-out crops,
+  DDIM 1 step **23.55** raw (SSIM 0.599) against bicubic's 23.38 (0.575), above it from step
+  7000 (23.48) and still rising; 4 steps 21.99.
 * ``cm`` / ``gd`` — consistency distillation / progressive distillation (rounds 32 → 16 → 8 → 4
   steps) of that teacher: add ``--config.model.conditional_teacher=<finetune workdir>/export``.
   ``python -m codi_jax.experiments`` runs all of them with CoDi's ablations; see docs/results.md.
