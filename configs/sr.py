@@ -16,7 +16,13 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   21.39 / 23.62, 4 steps 19.43 / 23.07 (gradient energy above bicubic's at 2 steps and more).
   So at 400 steps the model beats bicubic at 1 step only with the wavelet colour fix (+0.15 dB);
   raw it is 1.4 dB below. The same recipe needs about 2000 steps (about 20 minutes) to come within
-  0.2 dB of bicubic raw, see the next paragraph: the 10-minute default cannot get there.
+  0.2 dB of bicubic raw, see the next paragraph: the 10-minute default cannot get there. What a
+  10-minute budget can reach (``docs/sr_probes/README.md``, "What ten minutes reach"): the demo's
+  recipe below with ``--config.train.batch_size=8 --config.train.num_steps=1400
+  --config.train.lr=1e-3 --config.train.lr_schedule=cosine --config.train.warmup_steps=100``
+  scores 23.46 raw at 1 step (−0.20 dB) and 22.40 at 4 in 8.8 minutes with a lighter evaluation;
+  batch 4 for 2800 steps ties bicubic (23.66) in 10.4 minutes. Not the default (yet): these
+  settings are shared with every other preset's documented runs.
   The same recipe trained 2000 steps (``--config.train.num_steps=2000 --config.eval.every=500
   --config.eval.num_examples=128``, about 19 minutes plus evaluations) scores, on all 128 crops
   (bicubic 23.38 / SSIM 0.575), 1 step 23.20 raw (SSIM 0.592) / 23.49 colour-fixed, 4 steps
