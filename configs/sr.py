@@ -20,7 +20,8 @@ Presets compose (``--config=configs/sr.py:<preset>[,<preset>...][,key=value...]`
   10-minute budget can reach (``docs/sr_probes/README.md``, "What ten minutes reach"): the demo's
   recipe below with ``--config.train.batch_size=8 --config.train.num_steps=1400
   --config.train.lr=1e-3 --config.train.lr_schedule=cosine --config.train.warmup_steps=100``
-  scores 23.46 raw at 1 step (−0.20 dB) and 22.40 at 4 in 8.8 minutes with a lighter evaluation;
+  scores 23.46 / 23.55 raw at 1 step over two seeds (−0.20 / −0.11 dB) and 22.40 / 22.30 at 4
+  in 8.3-8.8 minutes with a lighter evaluation;
   batch 4 for 2800 steps ties bicubic (23.66) in 10.4 minutes. Not the default (yet): these
   settings are shared with every other preset's documented runs.
   The same recipe trained 2000 steps (``--config.train.num_steps=2000 --config.eval.every=500
