@@ -317,7 +317,7 @@ def _gd(c: ml_collections.ConfigDict) -> None:
 
 
 # The method and run-size presets, in the order they are applied whatever the order they are
-# named in (after the task config's model recipes, e.g. configs/stable_diffusion.py): the method,
+# named in (after the task config's recipes, e.g. configs/stable_diffusion.py): the method,
 # then the run size (so ``minimal`` shrinks whatever came before).
 Preset = Callable[[ml_collections.ConfigDict], Any]
 PRESETS: dict[str, Preset] = {
@@ -330,7 +330,7 @@ PRESETS: dict[str, Preset] = {
     "guided": _guided,
     "minimal": make_minimal,
 }
-# Presets that set the same thing: at most one of each group (and at most one model recipe).
+# Presets that set the same thing: at most one of each group (and at most one recipe).
 EXCLUSIVE_PRESETS = (("finetune", "cm", "gd", "flash", "flash_lora"),)
 
 
@@ -363,7 +363,7 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def _known_presets(recipes: dict[str, Preset] | None) -> dict[str, Preset]:
-    """The task config's model recipes, then ``PRESETS``: every name an arg may use, in the order
+    """The task config's recipes, then ``PRESETS``: every name an arg may use, in the order
     they are applied."""
     return {**(recipes or {}), **PRESETS}
 
@@ -371,7 +371,7 @@ def _known_presets(recipes: dict[str, Preset] | None) -> dict[str, Preset]:
 def parse_arg(arg: str | None, recipes: dict[str, Preset] | None = None) -> tuple[list[str], dict[str, Any]]:
     """``"sd15,pe,train.lr=1e-5"`` → (presets in application order, {dotted key: value}).
 
-    ``recipes``: the task config's model recipes (e.g. ``sd15``), applied before ``PRESETS``.
+    ``recipes``: the task config's recipes (e.g. ``sd15``), applied before ``PRESETS``.
     Values are Python literals where they parse as one (numbers, booleans, tuples), else strings.
     """
     known = _known_presets(recipes)
@@ -394,12 +394,15 @@ def parse_arg(arg: str | None, recipes: dict[str, Preset] | None = None) -> tupl
     return sorted(set(presets), key=list(known).index), overrides
 
 
-def task_config(task: str, arg: str | None = None, recipes: dict[str, Preset] | None = None
-                ) -> ml_collections.ConfigDict:
+def task_config(task: str, arg: str | None = None, recipes: dict[str, Preset] | None = None,
+                default: Preset | None = None) -> ml_collections.ConfigDict:
     """The embedded CoDi setup of ``task`` with the presets and overrides of ``arg``
     (``configs/<task>.py:<arg>``; comma-separated, e.g. ``sd15,pe`` or ``finetune,minimal``):
 
-    * ``recipes`` — the task config's model recipes, e.g. ``sd15`` / ``sd21`` of
+    * ``default`` — the task's own run when ``arg`` names no preset (``key=value`` overrides
+      aside), e.g. the SR config's ten-minute recipe; any named preset starts from the shared
+      ``base_config`` instead, so the methods' presets never inherit one task's tuning;
+    * ``recipes`` — the task config's recipes, e.g. ``sd15`` / ``sd21`` of
       ``configs/stable_diffusion.py`` (at most one);
     * ``pe`` — PE-CoDi: ControlNet adapter, UNet frozen;
     * ``finetune`` — the baselines' conditional teacher: the adapted model trained with the
@@ -412,6 +415,8 @@ def task_config(task: str, arg: str | None = None, recipes: dict[str, Preset] | 
     """
     c = base_config(task)
     presets, overrides = parse_arg(arg, recipes)
+    if default is not None and not presets:
+        default(c)
     known = _known_presets(recipes)
     for name in presets:
         known[name](c)

@@ -9,7 +9,7 @@ Presets compose (``--config=configs/depth.py:<preset>[,<preset>...][,key=value..
 * (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
   latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/depth.py
-  --workdir=runs/depth`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
+  --workdir=runs/depth`` runs as long as ``configs/sr.py:base`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
   Measured on the current mini_sd (the groups-4 autoencoder and the teacher in its space; 400
   steps, 7 min 40 s wall on a 2-core CPU shared with another run; ``docs/depth_g4/``), PSNR dB /

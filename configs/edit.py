@@ -8,7 +8,7 @@ Presets compose (``--config=configs/edit.py:<preset>[,<preset>...][,key=value...
 * (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
   latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/edit.py
-  --workdir=runs/edit`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
+  --workdir=runs/edit`` runs as long as ``configs/sr.py:base`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
   Measured on the current mini_sd (400 steps, 6 min 54 s wall on a 2-core CPU;
   ``docs/edit_g4/``), PSNR dB / SSIM against the edited picture on 64 crops of the four held-out

@@ -8,7 +8,7 @@ Presets compose (``--config=configs/inpaint.py:<preset>[,<preset>...][,key=value
 * (none) — the embedded setup: the shipped miniature Stable Diffusion (``codi_jax/assets/mini_sd``,
   latent UNet + KL autoencoder) distilled with full CoDi on 64x64 crops of the embedded pictures
   (``codi_jax.data.embedded``). ``python -m codi_jax.main --config=configs/inpaint.py
-  --workdir=runs/inpaint`` runs as long as ``configs/sr.py`` and writes the same files (checkpoints,
+  --workdir=runs/inpaint`` runs as long as ``configs/sr.py:base`` and writes the same files (checkpoints,
   TensorBoard, eval.json / eval_procedural.json / eval_online.json, samples, export/).
   Measured on the current mini_sd (400 steps, 7 min 56 s wall on a 2-core CPU shared with
   another run; ``docs/inpaint_g4/``; μ 0.10), PSNR dB / SSIM on the 64 held-out crops (all four

@@ -32,6 +32,24 @@ def test_presets_compose_in_a_fixed_order():
         assert task_config("sd21,pe", task).model.pretrained == "stabilityai/stable-diffusion-2-1"
 
 
+def test_the_sr_default_is_its_own_run_and_named_presets_start_from_the_shared_base():
+    shared = config_lib.task_config("sr")
+    default = task_config(None)
+    assert (default.train.batch_size, default.train.lr_schedule) == (4, "cosine")
+    assert default.distill.rollout_fraction == 0.75
+    # key=value overrides keep the default; a named preset starts from the shared settings, so the
+    # methods' presets (and the reproduction's recorded runs) never inherit the SR tuning.
+    assert task_config("train.num_steps=5").train.batch_size == 4
+    assert task_config("base").to_dict() == shared.to_dict()
+    assert task_config("pe").train.to_dict() == shared.train.to_dict()
+    assert task_config("finetune").data.augment.to_dict() == shared.data.augment.to_dict()
+    demo = task_config("demo")
+    assert demo.train.to_dict() == {**shared.train.to_dict(), "num_steps": 3000}
+    assert (demo.data.augment.channel_permute, demo.distill.rollout_fraction) == (True, 0.75)
+    # Other tasks have no default of their own.
+    assert task_config(None, "depth").to_dict() == config_lib.task_config("depth").to_dict()
+
+
 @pytest.mark.parametrize("arg, message", [
     ("sd15,sd21", "exclude each other"), ("finetune,gd", "exclude each other"),
     ("nonsense", "unknown preset"), ("train.no_such_key=1", "unknown keys"),
