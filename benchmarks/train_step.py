@@ -11,7 +11,8 @@ forward (``distill.predictor=teacher`` here, 3 evaluations), printed as the comp
 Configs (synthetic global batches through ``sharding.global_batch``; no data pipeline, no teacher
 asset: ``model.pretrained=""`` random-initialises the teacher of the same architecture):
 
-* ``sr``      the small pixel-space demo UNet (``DEMO_UNET``, the tests' teacher) at 32x32x3, batch
+* ``sr``      the shared embedded settings (``configs/sr.py:base``): the miniature Stable
+              Diffusion's latent UNet (random weights) on 16x16x4 latents of 64x64 crops, batch
               16, full CoDi (``cond_encoder``, trainable ``all``).
 * ``sd_pe``   SD-like small latent UNet: 3 levels, block_out_channels 64/128/128, 2 layers per
               block, CrossAttnDownBlock2D x2 + DownBlock2D (mirrored up), UNetMidBlock2DCrossAttn,
