@@ -12,8 +12,9 @@ Configs (synthetic global batches through ``sharding.global_batch``; no data pip
 asset: ``model.pretrained=""`` random-initialises the teacher of the same architecture):
 
 * ``sr``      the shared embedded settings (``configs/sr.py:base``): the miniature Stable
-              Diffusion's latent UNet (random weights) on 16x16x4 latents of 64x64 crops, batch
-              16, full CoDi (``cond_encoder``, trainable ``all``).
+              Diffusion's latent UNet (random weights) fed 64x64x4 synthetic "latents" as data (no
+              VAE; a real run's latents are 16x16x4), batch 16, full CoDi (``cond_encoder``,
+              trainable ``all``).
 * ``sd_pe``   SD-like small latent UNet: 3 levels, block_out_channels 64/128/128, 2 layers per
               block, CrossAttnDownBlock2D x2 + DownBlock2D (mirrored up), UNetMidBlock2DCrossAttn,
               ``attention_head_dim`` 8 (diffusers' SD meaning: 8 heads), cross_attention_dim 64 fed a
